@@ -1,0 +1,454 @@
+"""CheckpointManager: the save pipeline, usable from any training loop.
+
+One save runs these steps, in this order, each a short method below::
+
+    capture -> serialize + encode -> commit -> publish -> prune
+
+*capture* builds the payload on the caller's thread (the only step that must block training);
+the rest run on the manager's executor (inline for ``save_mode='sync'``). *serialize + encode*
+streams ``torch.save`` through the codec chosen by the file name into a temp file that *commit*
+fsyncs and renames onto the final name (:mod:`ckpt_callbacks.storage`). *publish* moves the
+``latest`` link atomically and records the checkpoint in the saver's record. *prune* applies the
+retention policy to everything the record holds, earlier runs included (Composer #2087), and never
+deletes the checkpoint ``latest`` points at or the one this run resumed from while it has no newer
+one. A crash at any point leaves the previous checkpoint and ``latest`` intact.
+
+Example, without our Trainer or events::
+
+    manager = CheckpointManager("runs/exp1", filename="ba{batch}.pt", num_checkpoints_to_keep=2)
+    manager.start(Timestamp())
+    for step in range(1, 1001):
+        train_one_step()
+        if step % 100 == 0:
+            manager.save(Timestamp(batch=step), {"model": model.state_dict()})
+    manager.close()
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from concurrent.futures import Future
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from ckpt_callbacks import dist
+from ckpt_callbacks.codecs import checkpoint_format
+from ckpt_callbacks.errors import CheckpointExistsError, CorruptCheckpointError
+from ckpt_callbacks.naming import DIST_VARIABLES, RUN_VARIABLES, NameTemplate, check_relative, is_later
+from ckpt_callbacks.record import CheckpointInfo, CheckpointRecord
+from ckpt_callbacks.retention import RetentionPolicy, retention_from_arguments
+from ckpt_callbacks.serialization import SCHEMA_VERSION, apply_ignore_keys, check_ignore_keys, read_state, write_state
+from ckpt_callbacks.state import State, capture_rng_state
+from ckpt_callbacks.storage import (
+    atomic_write,
+    makedirs_durable,
+    publish_latest,
+    remove_checkpoint,
+    resolve_latest,
+    sweep_stale_temp_files,
+)
+from ckpt_callbacks.time import Timestamp
+
+__all__ = ["CheckpointManager", "InlineExecutor"]
+
+log = logging.getLogger(__name__)
+
+FOLDER_VARIABLES = RUN_VARIABLES + DIST_VARIABLES
+
+
+def _library_version() -> str:
+    try:
+        return importlib_metadata.version("ckpt-callbacks")
+    except importlib_metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+class InlineExecutor:
+    """Runs each submitted job at once on the caller's thread (``save_mode='sync'``).
+
+    Example:
+        >>> InlineExecutor().submit(lambda: 1 + 1).result()
+        2
+    """
+
+    def submit(self, job: Callable[[], Any]) -> Future:
+        """Run ``job`` now and return a completed future holding its result or exception."""
+        future: Future = Future()
+        try:
+            future.set_result(job())
+        except BaseException as error:  # noqa: BLE001 -- handed to the caller through the future
+            future.set_exception(error)
+        return future
+
+    def shutdown(self) -> None:
+        """Nothing to stop."""
+
+
+class CheckpointManager:
+    """Writes, publishes, prunes and finds the checkpoints of one saver on one rank.
+
+    Args:
+        folder: where checkpoints go; may use ``{run_name}`` and the rank variables.
+        filename: name template relative to ``folder`` (every format variable).
+        latest_filename: template of the ``latest`` link relative to ``folder``; ``None`` for none.
+        run_name: the value of ``{run_name}``.
+        num_checkpoints_to_keep: ``-1`` all, ``0`` none, ``n`` the newest n (``KeepLast(n)``).
+        retention: a retention policy instead of ``num_checkpoints_to_keep``.
+        weights_only: save the model weights only.
+        ignore_keys: globs (``'state/model/*'``) or a callable removing parts before saving.
+        overwrite: if False, :meth:`start` refuses a folder holding later checkpoints of this template.
+        compression_level: level for the codec the file name chooses (``None``: the codec's default).
+        key: the identity of this saver (its callback state key); derived from the templates if None.
+        latest_mode: ``'auto'`` (symlink, pointer file where symlinks are impossible), ``'symlink'``
+            or ``'pointer'``.
+        executor: runs the steps after capture (default: inline).
+
+    Raises:
+        ConfigurationError: any bad argument (see :class:`~ckpt_callbacks.saver.CheckpointSaver`).
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike = "{run_name}/checkpoints",
+        filename: str | os.PathLike = "ep{epoch}-ba{batch}-rank{rank}.pt",
+        latest_filename: str | os.PathLike | None = "latest-rank{rank}.pt",
+        *,
+        run_name: str = "",
+        num_checkpoints_to_keep: int = -1,
+        retention: RetentionPolicy | None = None,
+        weights_only: bool = False,
+        ignore_keys: Sequence[str] | Callable[[dict], None] | None = None,
+        overwrite: bool = False,
+        compression_level: int | None = None,
+        key: str | None = None,
+        latest_mode: str = "auto",
+        executor: Any = None,
+    ) -> None:
+        self.folder_template = NameTemplate(folder, argument="folder", allowed=FOLDER_VARIABLES, relative=False)
+        self.filename = NameTemplate(filename, argument="filename")
+        self.latest_filename = (
+            None if latest_filename is None else NameTemplate(latest_filename, argument="latest_filename")
+        )
+        self.format = checkpoint_format(self.filename.template, argument="filename")
+        self.retention = retention_from_arguments(num_checkpoints_to_keep, retention)
+        self.weights_only = bool(weights_only)
+        self.ignore_keys = check_ignore_keys(ignore_keys)
+        self.overwrite = bool(overwrite)
+        self.compression_level = compression_level
+        self.latest_mode = latest_mode
+        self.run_name = run_name
+        self.key = key or "CheckpointManager-" + _digest(self.folder_template.template, self.filename.template)
+        self.rank_info = dist.dist_info()
+        self.fixed = {"run_name": run_name, **self.rank_info.format_variables()}
+        self.folder = Path(self.folder_template.format(**self.fixed))
+        self.record = CheckpointRecord.load(self.folder / f".ckpt-record-{_digest(self.key)}-rank{self.rank_info.rank}.json")
+        self._executor = executor or InlineExecutor()
+        self._in_flight: Future | None = None
+        self._resumed_from: str | None = None
+        self._remembered: list[CheckpointInfo] = []
+
+    @property
+    def writes(self) -> bool:
+        """Whether this rank writes files (rank 0 only, in ``ranks='rank0'`` mode)."""
+        return self.rank_info.rank == 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, timestamp: Timestamp, *, resumed_from: str | os.PathLike | None = None) -> None:
+        """Prepare for saving at ``timestamp``: sweep our stale temp files, reconcile the record
+        with the folder, check for conflicts (``overwrite=False``) and begin a new lineage.
+
+        Raises:
+            CheckpointExistsError: ``overwrite=False`` and the folder holds checkpoints of this
+                template with later counters than ``timestamp``.
+        """
+        if not self.writes:
+            return
+        makedirs_durable(self.folder)
+        sweep_stale_temp_files(self.folder)
+        self.reconcile()
+        if not self.overwrite:
+            self._check_conflicts(timestamp)
+        self._resumed_from = None if resumed_from is None else self._relative(Path(resumed_from))
+        self.record.start_lineage(self._resumed_from)
+        self.record.save()
+
+    def wait(self) -> None:
+        """Block until the save in flight is durable; raise its error if it failed."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None:
+            in_flight.result()
+
+    def close(self) -> None:
+        """Wait for the save in flight and stop the executor."""
+        try:
+            self.wait()
+        finally:
+            self._executor.shutdown()
+
+    # ------------------------------------------------------------------ queries
+
+    def all(self) -> list[CheckpointInfo]:
+        """Every checkpoint of this saver that is on disk, oldest first (by save sequence)."""
+        return [c for c in self.record.checkpoints if (self.folder / c.name).exists()]
+
+    def latest(self) -> CheckpointInfo | None:
+        """The newest checkpoint: the last committed in the newest lineage."""
+        committed = self.all()
+        return committed[-1] if committed else None
+
+    def path_of(self, info: CheckpointInfo) -> Path:
+        """Where ``info`` lives on disk."""
+        return self.folder / info.name
+
+    def load_latest(self, state: State, **load_options: Any) -> CheckpointInfo | None:
+        """Load the newest checkpoint into ``state``; None when there is none."""
+        from ckpt_callbacks.loader import load_checkpoint
+
+        info = self.latest()
+        if info is not None:
+            load_checkpoint(self.path_of(info), state, **load_options)
+        return info
+
+    def set_aside(self, info: CheckpointInfo, reason: str) -> Path:
+        """Rename a bad checkpoint out of the template's way and forget it."""
+        path = self.path_of(info)
+        aside = path.with_name(path.name + ".corrupt")
+        os.replace(path, aside)
+        log.warning("set aside %s as %s: %s", path, aside, reason)
+        self.record.remove(info.name)
+        self.record.save()
+        return aside
+
+    def republish(self, info: CheckpointInfo) -> None:
+        """Point ``latest`` at ``info`` (repairing it after a crash or a set-aside)."""
+        link = self._latest_path(info.timestamp)
+        if link is not None:
+            publish_latest(link, self.path_of(info), mode=self.latest_mode)
+
+    # ------------------------------------------------------------------ the pipeline
+
+    def save(self, timestamp: Timestamp, state: State | Mapping[str, Any]) -> Future:
+        """Save ``state`` as of ``timestamp``; returns a future of the :class:`CheckpointInfo`.
+
+        ``state`` is a :class:`State` (full or weights-only checkpoint, as configured) or a plain
+        dict saved as the checkpoint's ``state``. In sync mode the future is already done.
+        """
+        self.wait()
+        started = time.perf_counter()
+        captured = self._capture(state, timestamp)
+        if captured is None:
+            return _done(None)
+        checkpoint, seq = captured
+        self._in_flight = self._executor.submit(lambda: self._write(checkpoint, seq, timestamp, started))
+        return self._in_flight
+
+    def _capture(
+        self, state: State | Mapping[str, Any], timestamp: Timestamp
+    ) -> tuple[dict[str, Any], int] | None:
+        full = isinstance(state, State) and not self.weights_only
+        rng = dist.all_gather_object(capture_rng_state()) if full else None
+        if not self.writes:
+            return None
+        seq = self.record.take_seq()
+        if isinstance(state, State):
+            body = state.weights_state_dict() if self.weights_only else state.state_dict()
+            if not self.weights_only:
+                pending = CheckpointInfo(
+                    seq=seq, name=self._name(timestamp), timestamp=timestamp,
+                    lineage=self.record.lineage.id if self.record.lineage else "", size=0,
+                    saved_at=time.time(), weights_only=False,
+                )
+                body["callbacks"][self.key] = self.callback_state(pending)
+        else:
+            body = dict(state)
+        body["metadata"] = self._metadata(seq, timestamp, state)
+        checkpoint: dict[str, Any] = {"state": body}
+        if rng is not None:
+            checkpoint["rng"] = rng
+        apply_ignore_keys(checkpoint, self.ignore_keys)
+        checkpoint.setdefault("state", {})
+        return checkpoint, seq
+
+    def _write(self, checkpoint: dict[str, Any], seq: int, timestamp: Timestamp, started: float) -> CheckpointInfo:
+        stall = time.perf_counter() - started
+        name = self._name(timestamp)
+        path = self.folder / name
+        makedirs_durable(path.parent)
+        with atomic_write(path) as target:
+            write_state(checkpoint, target.file, self.format, self.compression_level)
+        info = CheckpointInfo(
+            seq=seq,
+            name=name,
+            timestamp=timestamp,
+            lineage=self.record.lineage.id if self.record.lineage else "",
+            size=target.size,
+            saved_at=time.time(),
+            weights_only=self.weights_only,
+        )
+        self._publish(info)
+        self._prune()
+        log.info(
+            "saved %s: %d bytes, stall %.3f s, durable after %.3f s",
+            path, info.size, stall, time.perf_counter() - started,
+        )
+        return info
+
+    def _publish(self, info: CheckpointInfo) -> None:
+        if not _keeps_none(self.retention):
+            self.republish(info)
+        self.record.add(info)
+        self.record.save()
+
+    def _prune(self) -> None:
+        checkpoints = self.record.checkpoints
+        keep = self.retention.keep(checkpoints) | self._protected()
+        for info in [c for c in checkpoints if c.seq not in keep]:
+            remove_checkpoint(self.path_of(info))
+            self.record.remove(info.name)
+            log.info("pruned %s", self.path_of(info))
+        if len(keep) != len(checkpoints):
+            self.record.save()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _protected(self) -> set[int]:
+        protected = set()
+        newest = self.record.newest()
+        if newest is not None and not _keeps_none(self.retention):
+            protected.add(newest.seq)
+        lineage = self.record.lineage
+        if self._resumed_from and lineage and not any(c.lineage == lineage.id for c in self.record.checkpoints):
+            resumed = self.record.find(self._resumed_from)
+            if resumed is not None:
+                protected.add(resumed.seq)
+        return protected
+
+    def _name(self, timestamp: Timestamp) -> str:
+        values = {**self.fixed, **timestamp.format_variables()}
+        return check_relative(self.filename.format(**values), argument="filename")
+
+    def _latest_path(self, timestamp: Timestamp) -> Path | None:
+        if self.latest_filename is None:
+            return None
+        values = {**self.fixed, **timestamp.format_variables()}
+        return self.folder / check_relative(self.latest_filename.format(**values), argument="latest_filename")
+
+    def _relative(self, path: Path) -> str | None:
+        try:
+            return os.path.relpath(path.resolve(), self.folder.resolve())
+        except ValueError:
+            return None
+
+    def _metadata(self, seq: int, timestamp: Timestamp, state: State | Mapping[str, Any]) -> dict[str, Any]:
+        lineage = self.record.lineage
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "library_version": _library_version(),
+            "torch_version": str(torch.__version__),
+            "world_size": self.rank_info.world_size,
+            "ranks": "rank0",
+            "run_name": self.run_name,
+            "timestamp": timestamp.state_dict(),
+            "save_sequence": seq,
+            "lineage": lineage.id if lineage else "",
+            "resumed_from": lineage.resumed_from if lineage else None,
+            "saved_at": time.time(),
+            "weights_only": self.weights_only,
+            "saver": self.key,
+            "seed": state.seed if isinstance(state, State) else None,
+        }
+
+    def callback_state(self, pending: CheckpointInfo | None = None) -> dict[str, Any]:
+        """The saver's callback state: its record, plus ``pending`` (a checkpoint lists itself, as in Composer)."""
+        checkpoints = [*self.record.checkpoints, *([pending] if pending else [])]
+        return {
+            "all_saved_checkpoints_to_timestamp": [
+                (str(self.folder / c.name), c.timestamp.state_dict()) for c in checkpoints
+            ],
+            "checkpoints": [c.to_json() for c in checkpoints],
+        }
+
+    def remember(self, callback_state: Mapping[str, Any]) -> None:
+        """Take the record entries stored in a resumed checkpoint's callback state (merged at :meth:`start`)."""
+        self._remembered = [CheckpointInfo.from_json(item) for item in callback_state.get("checkpoints", [])]
+
+    def reconcile(self) -> None:
+        """Bring the record in line with the disk: forget vanished files, adopt our unrecorded ones."""
+        for info in self._remembered:
+            if self.record.find(info.name) is None and (self.folder / info.name).exists() and info.size:
+                self.record.add(info)
+        self.record.checkpoints = [c for c in self.record.checkpoints if (self.folder / c.name).exists()]
+        recorded = {c.name for c in self.record.checkpoints}
+        for name in self._scan():
+            if name not in recorded:
+                info = self._adopt(name)
+                if info is not None:
+                    self.record.add(info)
+
+    def _scan(self) -> list[str]:
+        """Names under the folder that this saver's filename template could have written."""
+        pattern = self.filename.pattern(**self.fixed)
+        depth = self.filename.template.count("/")
+        names = []
+        for root, dirs, files in os.walk(self.folder):
+            relative_root = os.path.relpath(root, self.folder)
+            if relative_root != "." and relative_root.count(os.sep) >= depth:
+                dirs.clear()
+            for file in files:
+                name = file if relative_root == "." else os.path.join(relative_root, file)
+                if pattern.fullmatch(name.replace(os.sep, "/")) and not os.path.islink(os.path.join(root, file)):
+                    names.append(name)
+        return sorted(names)
+
+    def _adopt(self, name: str) -> CheckpointInfo | None:
+        """Record a checkpoint this saver committed but did not record (a crash before publish)."""
+        path = self.folder / name
+        try:
+            meta = read_state(path)["state"]["metadata"]
+        except (CorruptCheckpointError, KeyError, TypeError):
+            return None
+        if meta.get("saver") != self.key or meta.get("run_name") != self.run_name:
+            return None
+        log.info("found %s, committed but not recorded (an interrupted save); recording it", path)
+        return CheckpointInfo(
+            seq=int(meta["save_sequence"]), name=name, timestamp=Timestamp.from_state_dict(meta["timestamp"]),
+            lineage=meta.get("lineage", ""), size=path.stat().st_size, saved_at=float(meta["saved_at"]),
+            weights_only=bool(meta.get("weights_only")),
+        )
+
+    def _check_conflicts(self, timestamp: Timestamp) -> None:
+        current = timestamp.format_variables()
+        for name in self._scan():
+            found = self.filename.parse(name.replace(os.sep, "/"), **self.fixed)
+            if found is not None and is_later(found, current):
+                raise CheckpointExistsError(
+                    f"{self.folder / name} may conflict with a future checkpoint of the current run "
+                    f"(it is later than the current time, {timestamp}). Delete that file, choose another "
+                    "folder, resume from it (autoresume=True), or set overwrite=True."
+                )
+
+    def latest_link_target(self, timestamp: Timestamp) -> Path | None:
+        """Where the ``latest`` link currently points (None if there is no link)."""
+        link = self._latest_path(timestamp)
+        return None if link is None else resolve_latest(link)
+
+
+def _keeps_none(policy: RetentionPolicy) -> bool:
+    return getattr(policy, "n", None) == 0
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:10]
+
+
+def _done(value: Any) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future

@@ -1,0 +1,157 @@
+"""The saver's record: a small JSON index of every checkpoint a saver wrote, across resumes.
+
+It lives next to the checkpoints (``.ckpt-record-<saver digest>-rank<rank>.json``), is committed
+atomically like a checkpoint, and is also kept in the saver's callback state. It is derived data:
+when it is missing or corrupt it is rebuilt from the checkpoints' own metadata. Pruning reads it (a
+saver only deletes what it recorded), autoresume reads it ("newest" is the highest save sequence:
+the last committed in the newest lineage, not the highest step counter), and ``ls`` shows it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ckpt_callbacks.storage import atomic_write
+from ckpt_callbacks.time import Timestamp
+
+__all__ = ["CheckpointInfo", "CheckpointRecord", "Lineage"]
+
+log = logging.getLogger(__name__)
+
+RECORD_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One committed checkpoint.
+
+    Attributes:
+        seq: save sequence number, increasing across every run of the saver.
+        name: the checkpoint's path relative to the saver's folder.
+        timestamp: the training time it was saved at.
+        lineage: the id of the run (lineage) that wrote it.
+        size: bytes on disk.
+        saved_at: wall-clock time of the commit (seconds since the epoch).
+        weights_only: whether it holds the model weights only.
+
+    Example:
+        >>> CheckpointInfo(seq=1, name="ep1-ba5.pt", timestamp=Timestamp(epoch=1, batch=5),
+        ...                lineage="3f9a", size=1024, saved_at=0.0, weights_only=False).name
+        'ep1-ba5.pt'
+    """
+
+    seq: int
+    name: str
+    timestamp: Timestamp
+    lineage: str
+    size: int
+    saved_at: float
+    weights_only: bool
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (also used in the callback state: plain types only)."""
+        data = asdict(self)
+        data["timestamp"] = self.timestamp.state_dict()
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CheckpointInfo:
+        """The inverse of :meth:`to_json`."""
+        return cls(**{**data, "timestamp": Timestamp.from_state_dict(data["timestamp"])})
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """One run of a saver: its id, when it started, and the checkpoint it resumed from."""
+
+    id: str
+    started_at: float
+    resumed_from: str | None
+
+    @classmethod
+    def new(cls, resumed_from: str | None) -> Lineage:
+        """A fresh lineage starting now."""
+        return cls(id=uuid.uuid4().hex[:12], started_at=time.time(), resumed_from=resumed_from)
+
+
+@dataclass
+class CheckpointRecord:
+    """The in-memory record of one saver on one rank, persisted to :attr:`path`."""
+
+    path: Path
+    checkpoints: list[CheckpointInfo] = field(default_factory=list)
+    lineages: list[Lineage] = field(default_factory=list)
+    next_seq: int = 1
+
+    @classmethod
+    def load(cls, path: Path) -> CheckpointRecord:
+        """Read the record at ``path``; a missing or unreadable one gives an empty record (it is rebuilt)."""
+        record = cls(path=path)
+        try:
+            data = json.loads(path.read_text())
+            if data.get("version") != RECORD_VERSION:
+                raise ValueError(f"unknown record version {data.get('version')!r}")
+            record.checkpoints = [CheckpointInfo.from_json(item) for item in data["checkpoints"]]
+            record.lineages = [Lineage(**item) for item in data["lineages"]]
+            record.next_seq = int(data["next_seq"])
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            log.warning("the checkpoint record %s is unreadable (%s); rebuilding it from the checkpoints", path, error)
+            record = cls(path=path)
+        return record
+
+    @property
+    def lineage(self) -> Lineage | None:
+        """The current (newest) lineage."""
+        return self.lineages[-1] if self.lineages else None
+
+    def start_lineage(self, resumed_from: str | None) -> Lineage:
+        """Begin a new run of the saver."""
+        lineage = Lineage.new(resumed_from)
+        self.lineages.append(lineage)
+        return lineage
+
+    def take_seq(self) -> int:
+        """Reserve the next save sequence number."""
+        seq = self.next_seq
+        self.next_seq += 1
+        return seq
+
+    def find(self, name: str) -> CheckpointInfo | None:
+        """The recorded checkpoint called ``name``, if any."""
+        return next((c for c in self.checkpoints if c.name == name), None)
+
+    def add(self, info: CheckpointInfo) -> None:
+        """Record a committed checkpoint (replacing an older entry of the same name)."""
+        self.checkpoints = [c for c in self.checkpoints if c.name != info.name] + [info]
+        self.checkpoints.sort(key=lambda c: c.seq)
+        self.next_seq = max(self.next_seq, info.seq + 1)
+
+    def remove(self, name: str) -> None:
+        """Forget a checkpoint (after it was pruned or set aside)."""
+        self.checkpoints = [c for c in self.checkpoints if c.name != name]
+
+    def newest(self) -> CheckpointInfo | None:
+        """The last committed checkpoint, by save sequence."""
+        return self.checkpoints[-1] if self.checkpoints else None
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON document written to disk."""
+        return {
+            "version": RECORD_VERSION,
+            "next_seq": self.next_seq,
+            "lineages": [asdict(lineage) for lineage in self.lineages],
+            "checkpoints": [c.to_json() for c in self.checkpoints],
+        }
+
+    def save(self) -> None:
+        """Commit the record atomically next to the checkpoints."""
+        with atomic_write(self.path) as target:
+            target.file.write(json.dumps(self.to_json(), indent=1, sort_keys=True).encode())

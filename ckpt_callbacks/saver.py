@@ -1,0 +1,299 @@
+"""CheckpointSaver: a callback that decides when to save and hands the save to a CheckpointManager.
+
+The saver adds only the first pipeline step, *decide*: at ``BATCH_CHECKPOINT`` and
+``EPOCH_CHECKPOINT`` its save policy (:mod:`ckpt_callbacks.intervals`) says whether a checkpoint is
+due; rank 0 decides and broadcasts (:func:`ckpt_callbacks.dist.decide`), and a batch is never saved
+twice. Everything after that is :class:`~ckpt_callbacks.manager.CheckpointManager`'s job.
+
+All arguments are checked here, at construction, so a bad one fails before training starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from numbers import Real
+from typing import Any, Callable, Mapping, Sequence
+
+from ckpt_callbacks import dist
+from ckpt_callbacks.codecs import checkpoint_format
+from ckpt_callbacks.errors import ConfigurationError, bad_value
+from ckpt_callbacks.events import Callback, Event
+from ckpt_callbacks.intervals import create_save_policy
+from ckpt_callbacks.manager import FOLDER_VARIABLES, CheckpointManager
+from ckpt_callbacks.naming import NameTemplate
+from ckpt_callbacks.record import CheckpointInfo
+from ckpt_callbacks.retention import KeepAll, KeepLast, RetentionPolicy, retention_from_arguments
+from ckpt_callbacks.serialization import check_ignore_keys
+from ckpt_callbacks.state import State
+from ckpt_callbacks.time import Time
+
+__all__ = ["CheckpointSaver"]
+
+SAVE_MODES = ("sync", "async")
+RANK_MODES = ("rank0", "per_rank", "sharded")
+UPLOAD_ERROR_MODES = ("raise", "warn")
+
+
+def _not_yet(argument: str, value: object, issue: int, topic: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"{argument}={value!r} arrives with issue #{issue} ({topic}); it is not available in this version"
+    )
+
+
+class CheckpointSaver(Callback):
+    """Save checkpoints at intervals during training.
+
+    Pass it in a trainer's ``callbacks`` list. Arguments follow Composer's ``CheckpointSaver``
+    (the first six, positional) and add keyword-only ones.
+
+    Args:
+        folder: local folder of the checkpoints; may use ``{run_name}`` and the rank variables
+            (``{rank}``, ``{local_rank}``, ``{world_size}``, ``{local_world_size}``, ``{node_rank}``).
+        filename: name template relative to ``folder``, with every format variable:
+            ``{run_name}``, the rank variables, ``{epoch}``, ``{batch}``, ``{batch_in_epoch}``,
+            ``{sample}``, ``{sample_in_epoch}``, ``{token}``, ``{token_in_epoch}``,
+            ``{total_wct}``, ``{epoch_wct}``, ``{batch_wct}``; format specs work (``{epoch:03d}``).
+            The extension chooses the format (``.pt`` plain; ``.pt.gz``, ``.pt.bz2``, ``.pt.xz``,
+            ``.pt.lzma``, ``.pt.zst``, ``.pt.lz4`` compressed).
+        remote_file_name: object key template under ``remote`` (issue #4).
+        latest_filename: template of the ``latest`` symlink relative to ``folder``; ``None``
+            for none.
+        latest_remote_file_name: key of the remote ``latest`` pointer (issue #4).
+        save_interval: ``'1ep'``, ``'500ba'``, ``'64sp'``, ``'1000tok'``, ``'0.25dur'``, ``'30m'``,
+            an int (epochs), a :class:`~ckpt_callbacks.time.Time`, or a callable
+            ``(state, event) -> bool``. Non-callables also save at the end of training; ``0``
+            disables saving.
+        overwrite: if False, refuse at fit start to run in a folder that holds checkpoints of this
+            template with later counters than the current time.
+        num_checkpoints_to_keep: ``-1`` keeps all local checkpoints, ``0`` none, ``n`` the newest n
+            (also those written by earlier runs of this saver).
+        weights_only: save the model weights only.
+        ignore_keys: globs (``'state/model/*'``, ``'rng'``) or a callable removing parts before
+            saving.
+        num_concurrent_uploads: uploader threads (issue #4).
+        upload_timeout_in_seconds: timeout of each upload (issue #4).
+        remote: an fsspec URL prefix to upload to (issue #4).
+        storage_options: credentials and endpoint of the object store (issue #4).
+        save_mode: ``'sync'`` (``'async'`` arrives with issue #6).
+        compression_level: level of the codec the extension chooses (``None``: its default).
+        ranks: ``'rank0'`` (``'per_rank'`` and ``'sharded'`` arrive with issue #5).
+        retention: a retention policy (:class:`~ckpt_callbacks.retention.KeepLast`) instead of
+            ``num_checkpoints_to_keep``.
+        remote_retention: retention of objects in the store (issue #4).
+        on_upload_error: ``'raise'`` or ``'warn'`` (issue #4).
+
+    Raises:
+        ConfigurationError: a bad argument, naming it, its value and what is accepted.
+
+    Example:
+        >>> saver = CheckpointSaver(folder="{run_name}/checkpoints", filename="ep{epoch}-ba{batch}.pt",
+        ...                         save_interval="500ba", num_checkpoints_to_keep=2)
+        >>> saver.save_interval
+        AnyOf([EveryInterval(Time('500ba')), AtEndOfTraining()])
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike = "{run_name}/checkpoints",
+        filename: str | os.PathLike = "ep{epoch}-ba{batch}-rank{rank}.pt",
+        remote_file_name: str | os.PathLike | None = None,
+        latest_filename: str | os.PathLike | None = "latest-rank{rank}.pt",
+        latest_remote_file_name: str | os.PathLike | None = None,
+        save_interval: str | int | Time | Callable[[State, Event], bool] = "1ep",
+        *,
+        overwrite: bool = False,
+        num_checkpoints_to_keep: int = -1,
+        weights_only: bool = False,
+        ignore_keys: Sequence[str] | Callable[[dict], None] | None = None,
+        num_concurrent_uploads: int = 1,
+        upload_timeout_in_seconds: float = 3600,
+        remote: str | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        save_mode: str = "sync",
+        compression_level: int | None = None,
+        ranks: str = "rank0",
+        retention: RetentionPolicy | None = None,
+        remote_retention: RetentionPolicy | None = None,
+        on_upload_error: str = "raise",
+    ) -> None:
+        if "://" in os.fspath(folder):
+            raise _not_yet("folder", os.fspath(folder), 4, "remote object stores")
+        self.folder = NameTemplate(folder, argument="folder", allowed=FOLDER_VARIABLES, relative=False)
+        self.filename = NameTemplate(filename, argument="filename")
+        self.format = checkpoint_format(self.filename.template, argument="filename")
+        self.latest_filename = (
+            None if latest_filename is None else NameTemplate(latest_filename, argument="latest_filename")
+        )
+        self.save_interval = create_save_policy(save_interval)
+        self.retention = retention_from_arguments(num_checkpoints_to_keep, retention)
+        if not isinstance(self.retention, (KeepAll, KeepLast)):
+            raise _not_yet("retention", retention, 10, "retention policies")
+        self.ignore_keys = check_ignore_keys(ignore_keys)
+        self.weights_only = _check_bool("weights_only", weights_only)
+        self.overwrite = _check_bool("overwrite", overwrite)
+        _check_uploads(num_concurrent_uploads, upload_timeout_in_seconds, storage_options, on_upload_error)
+        for argument, value in (
+            ("remote", remote),
+            ("remote_file_name", remote_file_name),
+            ("latest_remote_file_name", latest_remote_file_name),
+            ("remote_retention", remote_retention),
+        ):
+            if value is not None:
+                raise _not_yet(argument, value, 4, "remote object stores")
+        if save_mode not in SAVE_MODES:
+            raise ConfigurationError(bad_value("save_mode", "'sync' or 'async'", save_mode))
+        if save_mode == "async":
+            raise _not_yet("save_mode", save_mode, 6, "async saving")
+        if ranks not in RANK_MODES:
+            raise ConfigurationError(bad_value("ranks", "'rank0', 'per_rank' or 'sharded'", ranks))
+        if ranks != "rank0":
+            raise _not_yet("ranks", ranks, 5, "distributed checkpoints")
+        self.compression_level = _check_level(compression_level, self.format.codec)
+        if not self.filename.has_counter:
+            warnings.warn(
+                f"filename={self.filename.template!r} has no counter variable ({{epoch}}, {{batch}}, ...): "
+                "every save overwrites the previous checkpoint",
+                UserWarning,
+                stacklevel=2,
+            )
+        self.save_mode = save_mode
+        self.ranks = ranks
+        self.manager: CheckpointManager | None = None
+        self.last_checkpoint_batch: int | None = None
+        self._resumed_state: Mapping[str, Any] | None = None
+
+    @property
+    def state_key(self) -> str:
+        """``CheckpointSaver-<digest of folder and filename>``: two savers in one run never collide."""
+        digest = hashlib.sha256(f"{self.folder.template}\0{self.filename.template}".encode()).hexdigest()[:10]
+        return f"{type(self).__qualname__}-{digest}"
+
+    @property
+    def saved_checkpoints(self) -> list[str]:
+        """Paths of the checkpoints this run saved that are still on disk, oldest first (empty on
+        ranks that write nothing, as in Composer)."""
+        if self.manager is None or not self.manager.writes or self.manager.record.lineage is None:
+            return []
+        lineage = self.manager.record.lineage.id
+        return [str(self.manager.path_of(c)) for c in self.manager.all() if c.lineage == lineage]
+
+    # ------------------------------------------------------------------ events
+
+    def init(self, state: State) -> None:
+        """Bind the saver to the run: format the folder with the run name and ranks."""
+        self.manager = CheckpointManager(
+            self.folder.template,
+            self.filename.template,
+            None if self.latest_filename is None else self.latest_filename.template,
+            run_name=state.run_name,
+            retention=self.retention,
+            weights_only=self.weights_only,
+            ignore_keys=self.ignore_keys,
+            overwrite=self.overwrite,
+            compression_level=self.compression_level,
+            key=self.state_key,
+        )
+        if self._resumed_state is not None:
+            self.manager.remember(self._resumed_state)
+
+    def fit_start(self, state: State) -> None:
+        """Refuse colliding savers, then prepare the folder (sweep, reconcile, overwrite check)."""
+        self._check_no_collision(state)
+        self.last_checkpoint_batch = None
+        self._manager.start(state.timestamp, resumed_from=state.resumed_from)
+        dist.barrier()
+
+    def batch_checkpoint(self, state: State) -> None:
+        """Save if the policy says so at ``BATCH_CHECKPOINT``."""
+        self._maybe_save(state, Event.BATCH_CHECKPOINT)
+
+    def epoch_checkpoint(self, state: State) -> None:
+        """Save if the policy says so at ``EPOCH_CHECKPOINT``."""
+        self._maybe_save(state, Event.EPOCH_CHECKPOINT)
+
+    def fit_end(self, state: State) -> None:
+        """Wait until every checkpoint is durable."""
+        self._manager.wait()
+
+    def close(self) -> None:
+        """Finish the save in flight and release resources."""
+        if self.manager is not None:
+            self.manager.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The saver's record, so a resumed run knows (and prunes) what earlier runs saved."""
+        return self.manager.callback_state() if self.manager is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take the record stored in a resumed checkpoint."""
+        self._resumed_state = state
+        if self.manager is not None:
+            self.manager.remember(state)
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def _manager(self) -> CheckpointManager:
+        if self.manager is None:
+            raise RuntimeError("the CheckpointSaver was not initialised: the trainer must fire Event.INIT first")
+        return self.manager
+
+    def _maybe_save(self, state: State, event: Event) -> CheckpointInfo | None:
+        batch = state.timestamp.batch
+        if batch == self.last_checkpoint_batch:
+            return None
+        if not dist.decide(lambda: bool(self.save_interval.should_save(state, event))):
+            return None
+        self.last_checkpoint_batch = batch
+        return self._manager.save(state.timestamp, state).result()
+
+    def _check_no_collision(self, state: State) -> None:
+        for other in state.callbacks:
+            if other is self or not isinstance(other, CheckpointSaver) or other.manager is None:
+                continue
+            mine, theirs = self._manager, other.manager
+            if mine.folder.resolve() != theirs.folder.resolve():
+                continue
+            if self.filename.template == other.filename.template:
+                raise ConfigurationError(
+                    f"two CheckpointSavers write {self.filename.template!r} in {mine.folder}: "
+                    "give them different folders or filenames"
+                )
+            if self.latest_filename and other.latest_filename and (
+                self.latest_filename.template == other.latest_filename.template
+            ):
+                raise ConfigurationError(
+                    f"two CheckpointSavers in {mine.folder} share latest_filename="
+                    f"{self.latest_filename.template!r}: give one another latest_filename (or None)"
+                )
+
+
+def _check_bool(argument: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigurationError(bad_value(argument, "True or False", value))
+    return value
+
+
+def _check_level(level: object, codec: object) -> int | None:
+    if level is None:
+        return None
+    if isinstance(level, bool) or not isinstance(level, int):
+        raise ConfigurationError(bad_value("compression_level", "None or an int", level))
+    if codec is None:
+        raise ConfigurationError(
+            bad_value("compression_level", "None for an uncompressed filename (use e.g. '.pt.zst' to compress)", level)
+        )
+    return level
+
+
+def _check_uploads(concurrency: object, timeout: object, storage_options: object, on_error: object) -> None:
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise ConfigurationError(bad_value("num_concurrent_uploads", "an int >= 1", concurrency))
+    if isinstance(timeout, bool) or not isinstance(timeout, Real) or timeout <= 0:
+        raise ConfigurationError(bad_value("upload_timeout_in_seconds", "a number of seconds > 0", timeout))
+    if storage_options is not None and not isinstance(storage_options, Mapping):
+        raise ConfigurationError(bad_value("storage_options", "None or a dict", storage_options))
+    if on_error not in UPLOAD_ERROR_MODES:
+        raise ConfigurationError(bad_value("on_upload_error", "'raise' or 'warn'", on_error))

@@ -1,0 +1,300 @@
+"""Checkpoint dicts to bytes and back: streaming torch.save, safe torch.load, integrity checks, ignore_keys.
+
+Writing streams ``torch.save`` straight into the codec chosen by the file name, so a checkpoint is
+never built in memory twice. Reading always uses ``torch.load(weights_only=True)`` with a short,
+explicit allowlist: a checkpoint is data and never runs code, whoever wrote it. Every way an
+existing file can fail to load (truncated, garbage, bit flips, foreign objects) surfaces as one
+:class:`~ckpt_callbacks.errors.CorruptCheckpointError` naming the file, so callers (autoresume,
+``verify``) handle one exception instead of torch's, zipfile's and pickle's.
+
+``torch.load`` does not check the CRC-32 that ``torch.save`` writes for every zip member, so a
+flipped bit inside a tensor loads silently; :func:`verify_file` checks them.
+
+``ignore_keys`` follows Composer's glob semantics (see :func:`apply_ignore_keys`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import fnmatch
+import pickle
+import re
+import threading
+import warnings
+import zipfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, Any, BinaryIO, Union
+
+import torch
+from torch.torch_version import TorchVersion
+
+from ckpt_callbacks.codecs import CheckpointFormat, open_decoded
+from ckpt_callbacks.errors import ConfigurationError, CorruptCheckpointError, bad_value
+
+__all__ = [
+    "SAFE_GLOBALS",
+    "SCHEMA_VERSION",
+    "IgnoreKeys",
+    "MapLocation",
+    "apply_ignore_keys",
+    "check_ignore_keys",
+    "read_state",
+    "verify_file",
+    "write_state",
+]
+
+SCHEMA_VERSION = 1
+"""Version of the checkpoint layout (DESIGN.md 4b), stored in ``state['metadata']``."""
+
+SAFE_GLOBALS: tuple[type, ...] = (datetime.timedelta, TorchVersion)
+"""The only non-tensor types a checkpoint may hold beyond what ``weights_only`` allows by default:
+Composer timestamps' wall-clock fields, and ``torch.__version__`` in metadata."""
+
+IgnoreKeys = Union[Sequence[str], Callable[[dict], None], None]
+"""What ``ignore_keys`` accepts: globs such as ``['state/optimizers']``, a callable, or None."""
+
+MapLocation = Union[str, torch.device, dict[str, str], Callable[..., Any], None]
+"""Where loaded tensors go, as ``torch.load``'s ``map_location`` takes it (default ``'cpu'``)."""
+
+_CHUNK = 2**20
+# torch's safe_globals context manager swaps a process-wide list and restores the old one on exit:
+# two loads overlapping in threads would strip each other's allowlist mid-load.
+_LOAD_LOCK = threading.Lock()
+_SAFE_GLOBAL_NAMES = frozenset(f"{t.__module__}.{t.__qualname__}" for t in SAFE_GLOBALS)
+
+
+def write_state(obj: dict, raw: BinaryIO, fmt: CheckpointFormat, level: int | None = None) -> None:
+    """Serialize a checkpoint dict into ``raw``, compressed as ``fmt`` says, in one streaming pass.
+
+    ``raw`` is left open and unflushed-to-disk: committing it (flush, fsync, rename) is the
+    caller's job. ``raw`` need not be seekable when ``fmt`` has a codec.
+
+    Args:
+        obj: The checkpoint dict.
+        raw: A binary file open for writing.
+        fmt: The format, from :func:`~ckpt_callbacks.codecs.checkpoint_format`.
+        level: Compression level; ``None`` is the codec's default.
+
+    Raises:
+        ConfigurationError: ``obj`` is not a dict, or ``level`` is given for a plain format or
+            is out of the codec's range.
+
+    Example:
+        >>> with open("ep1.pt.zst", "wb") as f:  # doctest: +SKIP
+        ...     write_state({"state": {"model": model.state_dict()}}, f, checkpoint_format("ep1.pt.zst"))
+    """
+    if not isinstance(obj, dict):
+        raise ConfigurationError(bad_value("obj", "a checkpoint dict", type(obj).__name__))
+    if fmt.codec is None:
+        if level is not None:
+            raise ConfigurationError(bad_value("compression_level", "None for an uncompressed format", level))
+        torch.save(obj, raw)
+        return
+    with fmt.codec.open_writer(raw, level) as writer:
+        torch.save(obj, writer)
+
+
+def read_state(path: Path | str, *, map_location: MapLocation = "cpu") -> dict:
+    """Load a checkpoint file of any known format, safely (``weights_only=True``, a fixed allowlist).
+
+    Args:
+        path: The checkpoint file; its format is sniffed from its bytes, not its name.
+        map_location: Where tensors go, as in ``torch.load``.
+
+    Raises:
+        CheckpointNotFoundError: ``path`` does not exist.
+        CorruptCheckpointError: The file exists but does not load (truncated, garbage, bad pickle,
+            objects outside :data:`SAFE_GLOBALS`), or does not hold a dict.
+
+    Example:
+        >>> state = read_state("checkpoints/ep1-ba10-rank0.pt.zst")  # doctest: +SKIP
+        >>> state["state"]["metadata"]["schema_version"]  # doctest: +SKIP
+        1
+    """
+    path = Path(path)
+    with open_decoded(path) as decoded:
+        return _load(decoded, path, map_location)
+
+
+def verify_file(path: Path | str) -> None:
+    """Check a checkpoint file's integrity end to end; return only if it is sound.
+
+    Decodes it fully (compressed streams carry their own checksums, except LZMA-alone), checks
+    the CRC-32 of every member of the ``torch.save`` zip archive, then loads it as
+    :func:`read_state` does. Files written with ``torch.serialization.set_crc32_options(False)``
+    fail this check.
+
+    Raises:
+        CheckpointNotFoundError: ``path`` does not exist.
+        CorruptCheckpointError: With a message saying what failed, e.g. which member's CRC.
+
+    Example:
+        >>> verify_file("checkpoints/latest-rank0.pt")  # doctest: +SKIP
+    """
+    path = Path(path)
+    with open_decoded(path) as decoded:
+        _check_zip_members(decoded, path)
+        decoded.seek(0)
+        _load(decoded, path, "cpu")
+
+
+def _check_zip_members(file: IO[bytes], path: Path) -> None:
+    try:
+        archive = zipfile.ZipFile(file)
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CorruptCheckpointError(f"{path} is corrupt: not a readable torch.save zip archive ({e})") from e
+    with archive:
+        for member in archive.infolist():
+            try:
+                with archive.open(member) as data:
+                    while data.read(_CHUNK):
+                        pass
+            # zipfile raises BadZipFile for a CRC mismatch but EOFError, OSError, zlib.error... for
+            # other damage; all of them mean this member is not what was written.
+            except Exception as e:
+                raise CorruptCheckpointError(
+                    f"{path} is corrupt: zip member {member.filename!r} failed its check ({e})"
+                ) from e
+
+
+def _load(file: IO[bytes], path: Path, map_location: MapLocation) -> dict:
+    try:
+        with _LOAD_LOCK, torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            # weights_only is passed explicitly: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD flips the default.
+            obj = torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch surfaces damage as RuntimeError, UnpicklingError, EOFError, ...
+        foreign = _foreign_globals(file) if isinstance(e, pickle.UnpicklingError) else []
+        if foreign:
+            allowed = ", ".join(sorted(_SAFE_GLOBAL_NAMES))
+            raise CorruptCheckpointError(
+                f"{path} contains objects outside the allowlist ({', '.join(foreign)}): a checkpoint never "
+                f"runs code, so only tensors, plain containers and {allowed} are loaded"
+            ) from e
+        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise CorruptCheckpointError(f"{path} is corrupt: torch.load failed ({type(e).__name__}: {reason})") from e
+    if not isinstance(obj, dict):
+        raise CorruptCheckpointError(f"{path} is not a checkpoint: it holds a {type(obj).__name__}, not a dict")
+    return obj
+
+
+def _foreign_globals(file: IO[bytes]) -> list[str]:
+    """The globals the pickle in ``file`` references beyond the default and our allowlist."""
+    try:
+        file.seek(0)
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(file)
+    except Exception:  # a damaged pickle is reported as damage by the caller
+        return []
+    return [name for name in names if name not in _SAFE_GLOBAL_NAMES]
+
+
+def check_ignore_keys(
+    value: object, *, argument: str = "ignore_keys"
+) -> tuple[str, ...] | Callable[[dict], None] | None:
+    """Validate an ``ignore_keys`` argument at construction time and return it normalised.
+
+    Args:
+        value: None, a list or tuple of non-empty glob strings, or a callable mutating the dict.
+        argument: The argument named in error messages.
+
+    Returns:
+        None, a tuple of globs, or the callable.
+
+    Raises:
+        ConfigurationError: A bare string (did you mean ``['<value>']``?), an empty or non-str
+            glob, or any other type.
+
+    Example:
+        >>> check_ignore_keys(["state/optimizers", "rng"])
+        ('state/optimizers', 'rng')
+    """
+    if value is None or callable(value):
+        return value  # type: ignore[return-value]
+    if isinstance(value, str):
+        raise ConfigurationError(bad_value(argument, f"a list of globs such as [{value!r}], not a bare string", value))
+    if isinstance(value, (list, tuple)):
+        for index, glob in enumerate(value):
+            if not isinstance(glob, str) or not glob:
+                raise ConfigurationError(
+                    bad_value(f"{argument}[{index}]", "a non-empty glob string such as 'state/model/*'", glob)
+                )
+        return tuple(value)
+    raise ConfigurationError(
+        bad_value(argument, "None, a list of globs such as ['state/optimizers'] or a callable(state_dict)", value)
+    )
+
+
+def apply_ignore_keys(state: dict, ignore_keys: IgnoreKeys) -> None:
+    """Remove the parts of a checkpoint dict that ``ignore_keys`` names, in place (Composer semantics).
+
+    Each glob is matched (``fnmatch``, case-sensitive, ``*`` also crosses ``/``) against the
+    ``/``-joined path of every node of the dict: intermediate nodes too, dict keys as ``str(key)``,
+    list elements by index (``state/model``, ``state/model/layer1.weight``, ``state/optimizers/0``).
+    Every matched node is deleted, deepest first and list elements from the highest index down,
+    so ``['state/optimizers/0', 'state/optimizers/1']`` empties a two-element list. A glob that
+    matches nothing draws a ``UserWarning``. Afterwards a top-level ``'state'`` key always exists
+    (``'*'`` leaves ``{'state': {}}``), as in Composer. A callable is called with the dict and
+    mutates it itself.
+
+    Args:
+        state: The checkpoint dict (``{'state': {...}, 'rng': [...]}``).
+        ignore_keys: Globs, a callable, or None (nothing to do).
+
+    Raises:
+        ConfigurationError: ``ignore_keys`` is malformed (see :func:`check_ignore_keys`).
+
+    Example:
+        >>> ckpt = {"state": {"model": {"w": 1}, "optimizers": [{}, {}]}, "rng": [0]}
+        >>> apply_ignore_keys(ckpt, ["state/optimizers/*", "rng"])
+        >>> ckpt
+        {'state': {'model': {'w': 1}, 'optimizers': []}}
+    """
+    checked = check_ignore_keys(ignore_keys)
+    if checked is None:
+        return
+    if callable(checked):
+        checked(state)
+        return
+    if not checked:
+        return
+    nodes = _flatten(state)
+    doomed: dict[tuple[Any, ...], bool] = {}
+    for glob in checked:
+        matches = re.compile(fnmatch.translate(glob)).match
+        hits = [(keys, in_list) for text, keys, in_list in nodes if matches(text)]
+        if not hits:
+            warnings.warn(
+                f"'ignore_keys' glob {glob!r} matched nothing in the checkpoint; nothing was removed for it",
+                UserWarning,
+                stacklevel=2,
+            )
+        doomed.update(hits)
+    # Deepest first, so no deletion moves a path still to be deleted; within a list the highest
+    # index first, so the indices below it stay valid.
+    order = sorted(doomed.items(), key=lambda item: (len(item[0]), item[0][-1] if item[1] else -1), reverse=True)
+    for keys, _ in order:
+        parent: Any = state
+        for key in keys[:-1]:
+            parent = parent[key]
+        del parent[keys[-1]]
+    state.setdefault("state", {})
+
+
+def _flatten(root: dict) -> list[tuple[str, tuple[Any, ...], bool]]:
+    """Every node below ``root`` as (``/``-joined path, the keys leading to it, is a list element)."""
+    nodes: list[tuple[str, tuple[Any, ...], bool]] = []
+    stack: list[tuple[Any, str, tuple[Any, ...]]] = [(root, "", ())]
+    while stack:
+        node, text, keys = stack.pop()
+        if isinstance(node, dict):
+            children = [(key, str(key), False) for key in node]
+        elif isinstance(node, list):
+            children = [(index, str(index), True) for index in range(len(node))]
+        else:
+            continue
+        for key, name, in_list in children:
+            child_text = f"{text}/{name}" if keys else name
+            child_keys = (*keys, key)
+            nodes.append((child_text, child_keys, in_list))
+            stack.append((node[key], child_text, child_keys))
+    return nodes

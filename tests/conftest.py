@@ -1,0 +1,1 @@
+"""Shared pytest fixtures for the ckpt_callbacks test suite (none yet)."""
