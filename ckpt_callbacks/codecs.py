@@ -5,12 +5,11 @@ output compressed with zstandard). A reader never trusts a name: a file may have
 downloaded under another key or written by Composer's CLI compressors, so :func:`open_decoded`
 identifies it by its first bytes (:func:`sniff`) and hands back the decoded bytes.
 
-Codecs live in a registry keyed by extension (like fsspec's ``compression.py``). The standard
-library provides ``gz``, ``bz2``, ``xz`` and ``lzma``; ``zst`` and ``lz4`` are registered only when
-their packages import (extras ``ckpt-callbacks[zstd]`` and ``ckpt-callbacks[lz4]``), and asking for
-a missing one raises :class:`~ckpt_callbacks.errors.ConfigurationError` naming the extra to install.
-Everything runs in-process and streams: nothing shells out to a CLI (Composer does) and no codec
-holds a whole checkpoint in memory.
+Codecs live in a registry keyed by extension (like fsspec's ``compression.py``): ``gz``, ``bz2``,
+``xz`` and ``lzma`` from the standard library; ``zst`` and ``lz4`` only when their packages import
+(extras ``ckpt-callbacks[zstd]`` and ``[lz4]``; asking for a missing one raises a
+:class:`~ckpt_callbacks.errors.ConfigurationError` naming the extra). Everything streams in-process;
+nothing shells out to a CLI as Composer does.
 
 Name template -> format::
 
@@ -176,59 +175,34 @@ _REGISTRY: dict[str, Codec] = {}
 _MISSING: dict[str, tuple[str, str, str]] = {}
 
 
-def _register(codec: Codec) -> None:
-    for extension in codec.extensions:
-        _REGISTRY[extension] = codec
+def _register(
+    name: str,
+    extension: str,
+    magic: bytes,
+    default_level: int,
+    levels: range,
+    writer: Callable[[BinaryIO, int], BinaryIO],
+    reader: Callable[[BinaryIO], BinaryIO],
+) -> None:
+    _REGISTRY[extension] = Codec(name, (extension,), magic, default_level, levels, writer, reader)
 
 
-_register(
-    Codec(
-        name="gzip",
-        extensions=("gz",),
-        magic=_GZIP_MAGIC,
-        default_level=6,
-        levels=range(0, 10),
-        # No file name and mtime 0 in the header: the same state gives the same bytes, and the
-        # temp file's name does not leak into the checkpoint.
-        _writer=lambda raw, level: gzip.GzipFile(filename="", mode="wb", compresslevel=level, fileobj=raw, mtime=0),
-        _reader=lambda raw: gzip.GzipFile(fileobj=raw, mode="rb"),
-    )
-)
-_register(
-    Codec(
-        name="bz2",
-        extensions=("bz2",),
-        magic=_BZ2_MAGIC,
-        default_level=9,
-        levels=range(1, 10),
-        _writer=lambda raw, level: bz2.BZ2File(raw, mode="wb", compresslevel=level),
-        _reader=lambda raw: bz2.BZ2File(raw, mode="rb"),
-    )
-)
-_register(
-    Codec(
-        name="xz",
-        extensions=("xz",),
-        magic=_XZ_MAGIC,
-        default_level=6,
-        levels=range(0, 10),
-        _writer=lambda raw, level: lzma.LZMAFile(raw, mode="wb", format=lzma.FORMAT_XZ, preset=level),
-        _reader=lambda raw: lzma.LZMAFile(raw, mode="rb", format=lzma.FORMAT_XZ),
-    )
-)
-_register(
-    Codec(
-        name="lzma",
-        extensions=("lzma",),
-        magic=b"",
-        default_level=6,
-        levels=range(0, 10),
-        # LZMA-alone has no checksum: a flipped bit may decode to wrong bytes. verify_file's zip
-        # CRCs catch it; prefer .xz for archives.
-        _writer=lambda raw, level: lzma.LZMAFile(raw, mode="wb", format=lzma.FORMAT_ALONE, preset=level),
-        _reader=lambda raw: lzma.LZMAFile(raw, mode="rb", format=lzma.FORMAT_ALONE),
-    )
-)
+# gzip without a file name and with mtime 0: the same state gives the same bytes, and the temp
+# file's name does not leak into the checkpoint.
+_register("gzip", "gz", _GZIP_MAGIC, 6, range(0, 10),
+          lambda raw, level: gzip.GzipFile(filename="", mode="wb", compresslevel=level, fileobj=raw, mtime=0),
+          lambda raw: gzip.GzipFile(fileobj=raw, mode="rb"))  # fmt: skip
+_register("bz2", "bz2", _BZ2_MAGIC, 9, range(1, 10),
+          lambda raw, level: bz2.BZ2File(raw, mode="wb", compresslevel=level),
+          lambda raw: bz2.BZ2File(raw, mode="rb"))  # fmt: skip
+_register("xz", "xz", _XZ_MAGIC, 6, range(0, 10),
+          lambda raw, level: lzma.LZMAFile(raw, mode="wb", format=lzma.FORMAT_XZ, preset=level),
+          lambda raw: lzma.LZMAFile(raw, mode="rb", format=lzma.FORMAT_XZ))  # fmt: skip
+# LZMA-alone has no checksum, so a flipped bit can decode to wrong bytes; verify_file's zip CRCs
+# still catch it. It is here for Composer's `.pt.lzma` files; .xz is the better choice.
+_register("lzma", "lzma", b"", 6, range(0, 10),
+          lambda raw, level: lzma.LZMAFile(raw, mode="wb", format=lzma.FORMAT_ALONE, preset=level),
+          lambda raw: lzma.LZMAFile(raw, mode="rb", format=lzma.FORMAT_ALONE))  # fmt: skip
 
 try:
     import zstandard
@@ -248,7 +222,7 @@ else:
             self._raw = raw
             self._dctx = zstandard.ZstdDecompressor()
             self._frame = None
-            self._input = b""
+            self._input = memoryview(b"")
             self._output = memoryview(b"")
 
         def readable(self) -> bool:
@@ -265,7 +239,7 @@ else:
 
         def _decompress_more(self) -> bool:
             if not self._input:
-                self._input = self._raw.read(_CHUNK)
+                self._input = memoryview(self._raw.read(_CHUNK))
                 if not self._input:
                     if self._frame is not None and not self._frame.eof:
                         raise EOFError("zstd stream ended before the end of its frame")
@@ -276,42 +250,25 @@ else:
             piece, self._input = self._input[:_ZSTD_INPUT_BYTES], self._input[_ZSTD_INPUT_BYTES:]
             self._output = memoryview(self._frame.decompress(piece))
             if self._frame.eof:
-                self._input = self._frame.unused_data + self._input
+                self._input = memoryview(self._frame.unused_data + self._input)
             return True
 
-    _register(
-        Codec(
-            name="zstd",
-            extensions=("zst",),
-            magic=_ZSTD_MAGIC,
-            default_level=3,
-            levels=range(-(2**17), zstandard.MAX_COMPRESSION_LEVEL + 1),
-            _writer=lambda raw, level: zstandard.ZstdCompressor(
-                level=level, threads=-1, write_checksum=True
-            ).stream_writer(raw, closefd=False),
-            _reader=lambda raw: io.BufferedReader(_ZstdReader(raw), buffer_size=_CHUNK),
-        )
-    )
+    # Multi-threaded (one worker per core) and checksummed, so a flipped bit fails to decode.
+    _register("zstd", "zst", _ZSTD_MAGIC, 3, range(-(2**17), zstandard.MAX_COMPRESSION_LEVEL + 1),
+              lambda raw, level: zstandard.ZstdCompressor(level=level, threads=-1, write_checksum=True)
+              .stream_writer(raw, closefd=False),
+              lambda raw: io.BufferedReader(_ZstdReader(raw), buffer_size=_CHUNK))  # fmt: skip
 
 try:
     import lz4.frame
 except ImportError:
     _MISSING["lz4"] = ("lz4", "lz4", "lz4")
 else:
-    _register(
-        Codec(
-            name="lz4",
-            extensions=("lz4",),
-            magic=_LZ4_MAGIC,
-            default_level=lz4.frame.COMPRESSIONLEVEL_MIN,
-            levels=range(lz4.frame.COMPRESSIONLEVEL_MIN, lz4.frame.COMPRESSIONLEVEL_MAX + 1),
-            # The frame checksum is off by default in lz4; without it a flipped bit goes unseen.
-            _writer=lambda raw, level: lz4.frame.LZ4FrameFile(
-                raw, mode="wb", compression_level=level, content_checksum=True
-            ),
-            _reader=lambda raw: lz4.frame.LZ4FrameFile(raw, mode="rb"),
-        )
-    )
+    # lz4 leaves the frame checksum off by default; without it a flipped bit goes unseen.
+    _register("lz4", "lz4", _LZ4_MAGIC, lz4.frame.COMPRESSIONLEVEL_MIN,
+              range(lz4.frame.COMPRESSIONLEVEL_MIN, lz4.frame.COMPRESSIONLEVEL_MAX + 1),
+              lambda raw, level: lz4.frame.LZ4FrameFile(raw, mode="wb", compression_level=level, content_checksum=True),
+              lambda raw: lz4.frame.LZ4FrameFile(raw, mode="rb"))  # fmt: skip
 
 CODECS: Mapping[str, Codec] = MappingProxyType(_REGISTRY)
 """The available codecs by extension (read-only): ``CODECS['gz'].name == 'gzip'``."""
@@ -377,15 +334,11 @@ def checkpoint_format(template: str, *, argument: str = "filename") -> Checkpoin
     parts = extension[1:].split(".") if extension else []
     last = parts[-1] if parts else ""
 
-    if last in ("tar", "tgz") or (len(parts) >= 2 and parts[-2] == "tar" and last in _CODEC_EXTENSIONS):
+    is_tar = last in ("tar", "tgz") or (len(parts) >= 2 and parts[-2] == "tar" and last in _CODEC_EXTENSIONS)
+    if is_tar or last == "safetensors":
+        kind = "tar bundles" if is_tar else "safetensors files"
         raise NotImplementedError(
-            f"tar bundles ({template!r}) arrive with issue #3 (formats); "
-            "name the file '.pt' or '.pt.<codec>' for now"
-        )
-    if last == "safetensors":
-        raise NotImplementedError(
-            f"safetensors files ({template!r}) arrive with issue #3 (formats); "
-            "name the file '.pt' or '.pt.<codec>' for now"
+            f"{kind} ({template!r}) arrive with issue #3 (formats); name the file '.pt' or '.pt.<codec>' for now"
         )
     if last == "symlink":
         raise UnsupportedFormatError(
@@ -464,11 +417,6 @@ def _spill_dir(path: Path) -> str | None:
     return str(parent) if os.access(parent, os.W_OK | os.X_OK) else None
 
 
-def _not_a_checkpoint(path: Path, header: bytes) -> str:
-    empty = ", the file is empty" if not header else ""
-    return f"{path} is not a checkpoint: unknown format (first bytes {header[:16]!r}{empty})"
-
-
 @contextmanager
 def open_decoded(path: Path | str) -> Iterator[BinaryIO]:
     """Open a checkpoint file and yield a seekable binary file of its decoded bytes.
@@ -505,7 +453,10 @@ def open_decoded(path: Path | str) -> Iterator[BinaryIO]:
         if kind == "tar":
             raise NotImplementedError(f"{path} is a tar bundle; tar bundles arrive with issue #3 (formats)")
         if kind is None:
-            raise CorruptCheckpointError(_not_a_checkpoint(path, header))
+            empty = ", the file is empty" if not header else ""
+            raise CorruptCheckpointError(
+                f"{path} is not a checkpoint: unknown format (first bytes {header[:16]!r}{empty})"
+            )
         codec = _codec_named(kind, path)
         with tempfile.SpooledTemporaryFile(
             max_size=_SPOOL_BYTES, prefix=".decode-", suffix=".tmp", dir=_spill_dir(path)

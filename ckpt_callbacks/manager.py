@@ -147,7 +147,9 @@ class CheckpointManager:
         self.rank_info = dist.dist_info()
         self.fixed = {"run_name": run_name, **self.rank_info.format_variables()}
         self.folder = Path(self.folder_template.format(**self.fixed))
-        self.record = CheckpointRecord.load(self.folder / f".ckpt-record-{_digest(self.key)}-rank{self.rank_info.rank}.json")
+        # One record per saver and run: runs sharing a folder never see (or prune) each other's files.
+        record_name = f".ckpt-record-{_digest(self.key, run_name)}-rank{self.rank_info.rank}.json"
+        self.record = CheckpointRecord.load(self.folder / record_name)
         self._executor = executor or InlineExecutor()
         self._in_flight: Future | None = None
         self._resumed_from: str | None = None

@@ -23,7 +23,6 @@ from ckpt_callbacks.events import Callback, Event
 from ckpt_callbacks.intervals import create_save_policy
 from ckpt_callbacks.manager import FOLDER_VARIABLES, CheckpointManager
 from ckpt_callbacks.naming import NameTemplate
-from ckpt_callbacks.record import CheckpointInfo
 from ckpt_callbacks.retention import KeepAll, KeepLast, RetentionPolicy, retention_from_arguments
 from ckpt_callbacks.serialization import check_ignore_keys
 from ckpt_callbacks.state import State
@@ -240,14 +239,15 @@ class CheckpointSaver(Callback):
             raise RuntimeError("the CheckpointSaver was not initialised: the trainer must fire Event.INIT first")
         return self.manager
 
-    def _maybe_save(self, state: State, event: Event) -> CheckpointInfo | None:
+    def _maybe_save(self, state: State, event: Event) -> None:
         batch = state.timestamp.batch
         if batch == self.last_checkpoint_batch:
-            return None
+            return
         if not dist.decide(lambda: bool(self.save_interval.should_save(state, event))):
-            return None
+            return
         self.last_checkpoint_batch = batch
-        return self._manager.save(state.timestamp, state).result()
+        self._manager.save(state.timestamp, state)
+        self._manager.wait()
 
     def _check_no_collision(self, state: State) -> None:
         for other in state.callbacks:

@@ -58,8 +58,8 @@ MapLocation = Union[str, torch.device, dict[str, str], Callable[..., Any], None]
 """Where loaded tensors go, as ``torch.load``'s ``map_location`` takes it (default ``'cpu'``)."""
 
 _CHUNK = 2**20
-# torch's safe_globals context manager swaps a process-wide list and restores the old one on exit:
-# two loads overlapping in threads would strip each other's allowlist mid-load.
+# torch's safe_globals adds to a process-wide set on entry and removes from it on exit: without
+# the lock, one thread's exit would strip the allowlist from another thread's load in progress.
 _LOAD_LOCK = threading.Lock()
 _SAFE_GLOBAL_NAMES = frozenset(f"{t.__module__}.{t.__qualname__}" for t in SAFE_GLOBALS)
 
@@ -171,7 +171,8 @@ def _load(file: IO[bytes], path: Path, map_location: MapLocation) -> dict:
                 f"{path} contains objects outside the allowlist ({', '.join(foreign)}): a checkpoint never "
                 f"runs code, so only tensors, plain containers and {allowed} are loaded"
             ) from e
-        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        reason = (str(e).strip().splitlines() or [""])[0]
+        reason = reason if len(reason) <= 200 else reason[:200] + "..."
         raise CorruptCheckpointError(f"{path} is corrupt: torch.load failed ({type(e).__name__}: {reason})") from e
     if not isinstance(obj, dict):
         raise CorruptCheckpointError(f"{path} is not a checkpoint: it holds a {type(obj).__name__}, not a dict")

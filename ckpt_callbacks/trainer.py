@@ -142,9 +142,23 @@ class Trainer:
             while not self.state.max_duration_reached:
                 self._train_epoch()
             self._run_event(Event.FIT_END)
-        finally:
-            for callback in self.state.callbacks:
+        except BaseException:
+            self._close_callbacks(failing=True)
+            raise
+        self._close_callbacks(failing=False)
+
+    def _close_callbacks(self, *, failing: bool) -> None:
+        """Close every callback; while an error propagates, close errors are logged, not raised over it."""
+        errors = []
+        for callback in self.state.callbacks:
+            try:
                 callback.close()
+            except Exception as error:  # noqa: BLE001 -- every callback gets closed; the first error is raised
+                if failing:
+                    log.error("closing %s failed: %s", callback.state_key, error)
+                errors.append(error)
+        if errors and not failing:
+            raise errors[0]
 
     # ------------------------------------------------------------------ loading
 
