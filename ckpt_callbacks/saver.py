@@ -17,7 +17,7 @@ from numbers import Real
 from typing import Any, Callable, Mapping, Sequence
 
 from ckpt_callbacks import dist
-from ckpt_callbacks.codecs import checkpoint_format
+from ckpt_callbacks.codecs import Codec, checkpoint_format
 from ckpt_callbacks.errors import ConfigurationError, bad_value
 from ckpt_callbacks.events import Callback, Event
 from ckpt_callbacks.intervals import create_save_policy
@@ -276,16 +276,14 @@ def _check_bool(argument: str, value: object) -> bool:
     return value
 
 
-def _check_level(level: object, codec: object) -> int | None:
+def _check_level(level: object, codec: Codec | None) -> int | None:
     if level is None:
         return None
-    if isinstance(level, bool) or not isinstance(level, int):
-        raise ConfigurationError(bad_value("compression_level", "None or an int", level))
     if codec is None:
         raise ConfigurationError(
             bad_value("compression_level", "None for an uncompressed filename (use e.g. '.pt.zst' to compress)", level)
         )
-    return level
+    return codec.check_level(level)
 
 
 def _check_uploads(concurrency: object, timeout: object, storage_options: object, on_error: object) -> None:

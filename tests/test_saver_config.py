@@ -39,6 +39,7 @@ from ckpt_callbacks import (
         ({"save_mode": "later"}, ConfigurationError, ["save_mode", "later"]),
         ({"ranks": "all"}, ConfigurationError, ["ranks", "all"]),
         ({"compression_level": 3}, ConfigurationError, ["compression_level"]),
+        ({"filename": "ep{epoch}.pt.gz", "compression_level": 42}, ConfigurationError, ["compression_level", "42", "0 to 9"]),
         ({"num_checkpoints_to_keep": 2, "retention": KeepLast(2)}, ConfigurationError, ["retention", "both"]),
         ({"weights_only": "yes"}, ConfigurationError, ["weights_only"]),
         ({"on_upload_error": "ignore"}, ConfigurationError, ["on_upload_error"]),
