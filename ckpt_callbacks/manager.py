@@ -248,7 +248,8 @@ class CheckpointManager:
         if captured is None:
             return _done(None)
         checkpoint, seq = captured
-        self._in_flight = self._executor.submit(lambda: self._write(checkpoint, seq, timestamp, started))
+        metrics = dict(state.metrics) if isinstance(state, State) else {}
+        self._in_flight = self._executor.submit(lambda: self._write(checkpoint, seq, timestamp, metrics, started))
         return self._in_flight
 
     def _capture(
@@ -278,7 +279,9 @@ class CheckpointManager:
         checkpoint.setdefault("state", {})
         return checkpoint, seq
 
-    def _write(self, checkpoint: dict[str, Any], seq: int, timestamp: Timestamp, started: float) -> CheckpointInfo:
+    def _write(
+        self, checkpoint: dict[str, Any], seq: int, timestamp: Timestamp, metrics: dict[str, float], started: float
+    ) -> CheckpointInfo:
         stall = time.perf_counter() - started
         name = self._name(timestamp)
         path = self.folder / name
@@ -293,6 +296,8 @@ class CheckpointManager:
             size=target.size,
             saved_at=time.time(),
             weights_only=self.weights_only,
+            files=(name,),
+            metrics=metrics,
         )
         self._publish(info)
         self._prune()
@@ -422,7 +427,7 @@ class CheckpointManager:
         return CheckpointInfo(
             seq=int(meta["save_sequence"]), name=name, timestamp=Timestamp.from_state_dict(meta["timestamp"]),
             lineage=meta.get("lineage", ""), size=path.stat().st_size, saved_at=float(meta["saved_at"]),
-            weights_only=bool(meta.get("weights_only")),
+            weights_only=bool(meta.get("weights_only")), files=(name,),
         )
 
     def _check_conflicts(self, timestamp: Timestamp) -> None:

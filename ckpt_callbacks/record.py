@@ -39,6 +39,8 @@ class CheckpointInfo:
         size: bytes on disk.
         saved_at: wall-clock time of the commit (seconds since the epoch).
         weights_only: whether it holds the model weights only.
+        files: the files that make it up, relative to the folder (one file, or a folder's files).
+        metrics: the training metrics when it was saved (what score-based retention reads).
 
     Example:
         >>> CheckpointInfo(seq=1, name="ep1-ba5.pt", timestamp=Timestamp(epoch=1, batch=5),
@@ -53,17 +55,25 @@ class CheckpointInfo:
     size: int
     saved_at: float
     weights_only: bool
+    files: tuple[str, ...] = ()
+    metrics: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (also used in the callback state: plain types only)."""
         data = asdict(self)
         data["timestamp"] = self.timestamp.state_dict()
+        data["files"] = list(self.files)
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> CheckpointInfo:
         """The inverse of :meth:`to_json`."""
-        return cls(**{**data, "timestamp": Timestamp.from_state_dict(data["timestamp"])})
+        return cls(**{
+            **data,
+            "timestamp": Timestamp.from_state_dict(data["timestamp"]),
+            "files": tuple(data.get("files", ())),
+            "metrics": dict(data.get("metrics", {})),
+        })
 
 
 @dataclass(frozen=True)

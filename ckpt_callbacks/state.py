@@ -48,6 +48,7 @@ class State:
     previous_timestamp: Timestamp | None = None
     seed: int = 0
     resumed_from: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def dist(self) -> DistInfo:
