@@ -6,6 +6,9 @@ The tree::
      +-- CheckpointNotFoundError     (also FileNotFoundError)
      +-- CorruptCheckpointError
      +-- CheckpointExistsError       (also FileExistsError)
+     +-- StoreError                  (the object store failed)
+     |    +-- StorePermissionError   (also PermissionError: HTTP 403, bad credentials)
+     |    +-- TransientStoreError    (worth retrying: 5xx, throttling, resets, timeouts)
      +-- UploadError
      |    +-- UploadTimeoutError     (also TimeoutError)
      +-- ConfigurationError          (also ValueError)
@@ -25,6 +28,9 @@ __all__ = [
     "ConfigurationError",
     "CorruptCheckpointError",
     "InvalidTemplateError",
+    "StoreError",
+    "StorePermissionError",
+    "TransientStoreError",
     "UnsupportedFormatError",
     "UploadError",
     "UploadTimeoutError",
@@ -45,6 +51,18 @@ class CorruptCheckpointError(CheckpointError):
 
 class CheckpointExistsError(CheckpointError, FileExistsError):
     """Saving would overwrite a checkpoint, or conflict with one, while ``overwrite=False``."""
+
+
+class StoreError(CheckpointError):
+    """The object store failed in a way not covered by a narrower exception."""
+
+
+class StorePermissionError(StoreError, PermissionError):
+    """The object store denied access (HTTP 403, bad or missing credentials)."""
+
+
+class TransientStoreError(StoreError):
+    """A store failure that a retry may cure: 5xx, throttling, connection resets, timeouts."""
 
 
 class UploadError(CheckpointError):
