@@ -39,11 +39,11 @@ import torch
 
 from ckpt_callbacks import dist
 from ckpt_callbacks.codecs import checkpoint_format
-from ckpt_callbacks.errors import CheckpointExistsError, CorruptCheckpointError
+from ckpt_callbacks.errors import CheckpointExistsError
 from ckpt_callbacks.naming import DIST_VARIABLES, RUN_VARIABLES, NameTemplate, check_relative, is_later
-from ckpt_callbacks.record import CheckpointInfo, CheckpointRecord
+from ckpt_callbacks.record import CheckpointInfo, CheckpointRecord, scan_folder
 from ckpt_callbacks.retention import RetentionPolicy, retention_from_arguments
-from ckpt_callbacks.serialization import SCHEMA_VERSION, apply_ignore_keys, check_ignore_keys, read_state, write_state
+from ckpt_callbacks.serialization import SCHEMA_VERSION, apply_ignore_keys, check_ignore_keys, write_state
 from ckpt_callbacks.state import State, capture_rng_state
 from ckpt_callbacks.storage import (
     atomic_write,
@@ -388,52 +388,14 @@ class CheckpointManager:
 
     def reconcile(self) -> None:
         """Bring the record in line with the disk: forget vanished files, adopt our unrecorded ones."""
-        for info in self._remembered:
-            if self.record.find(info.name) is None and (self.folder / info.name).exists() and info.size:
-                self.record.add(info)
-        self.record.checkpoints = [c for c in self.record.checkpoints if (self.folder / c.name).exists()]
-        recorded = {c.name for c in self.record.checkpoints}
-        for name in self._scan():
-            if name not in recorded:
-                info = self._adopt(name)
-                if info is not None:
-                    self.record.add(info)
-
-    def _scan(self) -> list[str]:
-        """Names under the folder that this saver's filename template could have written."""
-        pattern = self.filename.pattern(**self.fixed)
-        depth = self.filename.template.count("/")
-        names = []
-        for root, dirs, files in os.walk(self.folder):
-            relative_root = os.path.relpath(root, self.folder)
-            if relative_root != "." and relative_root.count(os.sep) >= depth:
-                dirs.clear()
-            for file in files:
-                name = file if relative_root == "." else os.path.join(relative_root, file)
-                if pattern.fullmatch(name.replace(os.sep, "/")) and not os.path.islink(os.path.join(root, file)):
-                    names.append(name)
-        return sorted(names)
-
-    def _adopt(self, name: str) -> CheckpointInfo | None:
-        """Record a checkpoint this saver committed but did not record (a crash before publish)."""
-        path = self.folder / name
-        try:
-            meta = read_state(path)["state"]["metadata"]
-        except (CorruptCheckpointError, KeyError, TypeError):
-            return None
-        if meta.get("saver") != self.key or meta.get("run_name") != self.run_name:
-            return None
-        log.info("found %s, committed but not recorded (an interrupted save); recording it", path)
-        return CheckpointInfo(
-            seq=int(meta["save_sequence"]), name=name, timestamp=Timestamp.from_state_dict(meta["timestamp"]),
-            lineage=meta.get("lineage", ""), size=path.stat().st_size, saved_at=float(meta["saved_at"]),
-            weights_only=bool(meta.get("weights_only")), files=(name,),
+        self.record.reconcile(
+            self.folder, self.filename, self.fixed, saver=self.key, run_name=self.run_name, remembered=self._remembered
         )
 
     def _check_conflicts(self, timestamp: Timestamp) -> None:
         current = timestamp.format_variables()
-        for name in self._scan():
-            found = self.filename.parse(name.replace(os.sep, "/"), **self.fixed)
+        for name in scan_folder(self.folder, self.filename, self.fixed):
+            found = self.filename.parse(name, **self.fixed)
             if found is not None and is_later(found, current):
                 raise CheckpointExistsError(
                     f"{self.folder / name} may conflict with a future checkpoint of the current run "

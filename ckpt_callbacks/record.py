@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-from ckpt_callbacks.storage import atomic_write
+from ckpt_callbacks.errors import CorruptCheckpointError
+from ckpt_callbacks.naming import NameTemplate
+from ckpt_callbacks.serialization import read_state
+from ckpt_callbacks.storage import atomic_write, is_temp_name
 from ckpt_callbacks.time import Timestamp
 
-__all__ = ["CheckpointInfo", "CheckpointRecord", "Lineage"]
+__all__ = ["CheckpointInfo", "CheckpointRecord", "Lineage", "scan_folder"]
 
 log = logging.getLogger(__name__)
 
@@ -165,3 +169,86 @@ class CheckpointRecord:
         """Commit the record atomically next to the checkpoints."""
         with atomic_write(self.path) as target:
             target.file.write(json.dumps(self.to_json(), indent=1, sort_keys=True).encode())
+
+    def reconcile(
+        self,
+        folder: Path,
+        template: NameTemplate,
+        fixed: dict[str, Any],
+        *,
+        saver: str,
+        run_name: str,
+        remembered: Sequence[CheckpointInfo] = (),
+    ) -> None:
+        """Bring the record in line with the disk.
+
+        Entries whose files vanished are forgotten; entries kept in a resumed checkpoint's callback
+        state (``remembered``) are restored when their files exist; checkpoints under ``folder`` that
+        ``template`` could have written and whose own metadata names this saver and run, but that the
+        record lacks (a crash between commit and publish), are adopted.
+        """
+        for info in remembered:
+            if self.find(info.name) is None and (folder / info.name).exists() and info.size:
+                self.add(info)
+        self.checkpoints = [c for c in self.checkpoints if (folder / c.name).exists()]
+        recorded = {c.name for c in self.checkpoints}
+        for name in scan_folder(folder, template, fixed):
+            if name not in recorded:
+                info = _adopt(folder, name, saver=saver, run_name=run_name)
+                if info is not None:
+                    self.add(info)
+
+
+def scan_folder(folder: Path, template: NameTemplate, fixed: dict[str, Any]) -> list[str]:
+    """Names (``/``-separated, relative to ``folder``) of files and folders that ``template`` could
+    have written there, with the ``fixed`` variables (run name, ranks) substituted.
+
+    Example:
+        >>> scan_folder(Path("runs/exp1"), NameTemplate("ba{batch}.pt", argument="filename"), {})  # doctest: +SKIP
+        ['ba100.pt', 'ba200.pt']
+    """
+    pattern = template.pattern(**fixed)
+    depth = template.template.count("/")
+    names = []
+    for root, dirs, files in os.walk(folder):
+        relative_root = os.path.relpath(root, folder)
+        prefix = "" if relative_root == "." else relative_root.replace(os.sep, "/") + "/"
+        candidates = [(entry, False) for entry in files] + [(entry, True) for entry in dirs]
+        for entry, is_dir in candidates:
+            name = prefix + entry
+            if is_temp_name(entry) or not pattern.fullmatch(name) or os.path.islink(os.path.join(root, entry)):
+                continue
+            names.append(name)
+            if is_dir:
+                dirs.remove(entry)
+        if prefix.count("/") >= depth:
+            dirs.clear()
+    return sorted(names)
+
+
+FOLDER_METADATA = "ckpt_callbacks.json"
+"""The metadata file inside a checkpoint that is a folder (a sharded checkpoint)."""
+
+
+def _read_metadata(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        return json.loads((path / FOLDER_METADATA).read_text())
+    return read_state(path)["state"]["metadata"]
+
+
+def _adopt(folder: Path, name: str, *, saver: str, run_name: str) -> CheckpointInfo | None:
+    """A record entry for a checkpoint this saver committed but did not record, from its own metadata."""
+    path = folder / name
+    try:
+        meta = _read_metadata(path)
+    except (CorruptCheckpointError, OSError, ValueError, KeyError, TypeError):
+        return None
+    if meta.get("saver") != saver or meta.get("run_name") != run_name:
+        return None
+    log.info("found %s, committed but not recorded (an interrupted save); recording it", path)
+    files = tuple(sorted(p.relative_to(folder).as_posix() for p in path.rglob("*") if p.is_file())) if path.is_dir() else (name,)
+    return CheckpointInfo(
+        seq=int(meta["save_sequence"]), name=name, timestamp=Timestamp.from_state_dict(meta["timestamp"]),
+        lineage=meta.get("lineage", ""), size=sum((folder / f).stat().st_size for f in files),
+        saved_at=float(meta["saved_at"]), weights_only=bool(meta.get("weights_only")), files=files,
+    )
