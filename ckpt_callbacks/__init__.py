@@ -21,7 +21,7 @@ from ckpt_callbacks.events import Callback, Event
 from ckpt_callbacks.loader import load_checkpoint
 from ckpt_callbacks.manager import CheckpointManager
 from ckpt_callbacks.record import CheckpointInfo
-from ckpt_callbacks.retention import KeepLast
+from ckpt_callbacks.retention import KeepAny, KeepBest, KeepEvery, KeepLast, KeepWithin
 from ckpt_callbacks.saver import CheckpointSaver
 from ckpt_callbacks.state import State
 from ckpt_callbacks.time import Time, Timestamp, TimeUnit
@@ -39,7 +39,11 @@ __all__ = [
     "CorruptCheckpointError",
     "Event",
     "InvalidTemplateError",
+    "KeepAny",
+    "KeepBest",
+    "KeepEvery",
     "KeepLast",
+    "KeepWithin",
     "State",
     "Time",
     "TimeUnit",

@@ -1,22 +1,27 @@
-"""Compression codecs for checkpoint files: the extension chooses the writer, magic bytes the reader.
+"""Checkpoint formats: the extension chooses the writer, the magic bytes the reader.
 
-A saver's ``filename`` template decides how a file is WRITTEN (``ep{epoch}.pt.zst`` is torch.save
-output compressed with zstandard). A reader never trusts a name: a file may have been renamed,
-downloaded under another key or written by Composer's CLI compressors, so :func:`open_decoded`
-identifies it by its first bytes (:func:`sniff`) and hands back the decoded bytes.
+A saver's ``filename`` template decides how a file is WRITTEN, through one registry keyed by
+extension (:data:`FORMATS`): a plain ``torch.save`` file, one compressed with a codec, a tar bundle
+(optionally compressed), or a weights-only safetensors file. A reader never trusts a name: a file
+may have been renamed, downloaded under a temp name or written by Composer's CLI compressors, so
+:func:`~ckpt_callbacks.decoding.open_decoded` identifies it by its first bytes (:func:`sniff`)
+and decodes it.
 
-Codecs live in a registry keyed by extension (like fsspec's ``compression.py``): ``gz``, ``bz2``,
-``xz`` and ``lzma`` from the standard library; ``zst`` and ``lz4`` only when their packages import
-(extras ``ckpt-callbacks[zstd]`` and ``[lz4]``; asking for a missing one raises a
-:class:`~ckpt_callbacks.errors.ConfigurationError` naming the extra). Everything streams in-process;
-nothing shells out to a CLI as Composer does.
+Codecs (:data:`CODECS`): ``gz``, ``bz2``, ``xz`` and ``lzma`` from the standard library; ``zst``
+and ``lz4`` when their packages import (extras ``ckpt-callbacks[zstd]`` and ``[lz4]``; asking for a
+missing one raises :class:`~ckpt_callbacks.errors.UnsupportedFormatError` naming the extra).
+Everything runs in-process, streaming, on every core: zstd in its multi-threaded mode; gzip, bz2,
+xz and lz4 as independent members compressed in parallel (:class:`~ckpt_callbacks._streams.
+ChunkedWriter`), which their CLIs read as one file. Every codec but LZMA-alone carries a checksum
+of its content (:attr:`Codec.checksummed`). ``.lzma`` is the legacy LZMA-alone format (what
+``xz --format=lzma`` writes); ``.xz`` the xz container.
 
 Name template -> format::
 
-    ep{epoch}-ba{batch}.pt        plain torch.save (zip)
-    ep{epoch}-ba{batch}           plain (no extension)
-    ep{epoch}.pt.zst              zstandard         model.bin.gz     gzip
-    ep{epoch}.pt.tar.gz           tar bundle        (arrives with issue #3)
+    ep{epoch}-ba{batch}.pt        plain torch.save (zip)       ep{epoch}-ba{batch}   plain
+    ep{epoch}.pt.zst              zstandard                    model.bin.gz          gzip
+    ep{epoch}.tar                 tar of checkpoint.pt         x.pt.tar              tar (Composer refuses it)
+    ep{epoch}.tar.zst, .tgz, ...  compressed tar               model.safetensors     safetensors (weights only)
     latest.pt.symlink             refused: a remote pointer, never a checkpoint
     ep{epoch}.pt.lzo              refused: unknown extension
 """
@@ -27,33 +32,26 @@ import bz2
 import gzip
 import io
 import lzma
-import os
 import struct
-import tempfile
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import BinaryIO
 
-from ckpt_callbacks.errors import (
-    CheckpointNotFoundError,
-    ConfigurationError,
-    CorruptCheckpointError,
-    UnsupportedFormatError,
-    bad_value,
-)
+from ckpt_callbacks._streams import CheckedReader, ChunkedWriter, check_zstd_frames
+from ckpt_callbacks.errors import ConfigurationError, UnsupportedFormatError, bad_value
 
 __all__ = [
     "CODECS",
+    "FORMATS",
     "PLAIN_EXTENSIONS",
     "SNIFF_BYTES",
     "CheckpointFormat",
     "Codec",
     "checkpoint_format",
+    "codec_named",
     "get_codec",
-    "open_decoded",
     "sniff",
 ]
 
@@ -69,13 +67,9 @@ _LZ4_MAGIC = b"\x04\x22\x4d\x18"
 _GZIP_MAGIC = b"\x1f\x8b\x08"
 _BZ2_MAGIC = b"BZh"
 _XZ_MAGIC = b"\xfd7zXZ\x00"
-
-# Decoded checkpoints stay in memory up to this size, then spill to a temporary file.
-_SPOOL_BYTES = 64 * 2**20
 _CHUNK = 2**20
-# zstandard's decompressobj returns all output for the input it is given at once and an RLE block
-# expands ~32,000x, so it is fed small slices: 2 KiB of input is at most ~64 MiB of output.
-_ZSTD_INPUT_BYTES = 2048
+# A safetensors header is JSON behind its 8-byte length; real ones are kilobytes to a few MB.
+_SAFETENSORS_MAX_HEADER = 100 * 2**20
 
 
 @dataclass(frozen=True)
@@ -89,6 +83,8 @@ class Codec:
             has none and is recognised by its header's structure).
         default_level: Level used when the caller gives none.
         levels: Accepted levels.
+        checksummed: Whether the format checks its decoded content (all but LZMA-alone), which
+            makes ``torch.save``'s own CRC-32s redundant inside it.
 
     Example:
         >>> codec = get_codec("gz")
@@ -104,6 +100,7 @@ class Codec:
     magic: bytes
     default_level: int
     levels: range
+    checksummed: bool
     _writer: Callable[[BinaryIO, int], BinaryIO] = field(repr=False, compare=False)
     _reader: Callable[[BinaryIO], BinaryIO] = field(repr=False, compare=False)
 
@@ -142,8 +139,8 @@ class Codec:
     def open_reader(self, raw: BinaryIO) -> BinaryIO:
         """Return a file object reading the decompressed bytes of ``raw`` (which it does not close).
 
-        A truncated or damaged stream raises from ``read`` (``EOFError``, ``OSError``, the
-        codec's own error), never ends silently.
+        A truncated or damaged stream raises from ``read`` or here (``EOFError``, ``OSError``,
+        ``ValueError``, the codec's own error), never ends silently. zstd needs a seekable ``raw``.
 
         Example:
             >>> get_codec("gz").open_reader(io.BytesIO(gzip.compress(b"x"))).read()
@@ -157,17 +154,30 @@ class CheckpointFormat:
     """How a checkpoint file is written, as decided by its name (see :func:`checkpoint_format`).
 
     Attributes:
-        codec: The compression codec, or ``None`` for a plain ``torch.save`` file.
+        codec: The compression codec (of the tar, for a compressed tar), or ``None``.
         extension: The name's extension with its leading dot (``'.pt.zst'``; ``''`` for none).
+        container: ``'torch'`` (a ``torch.save`` file), ``'tar'`` (a tar bundle) or
+            ``'safetensors'`` (tensors only, for weights-only saves).
 
     Example:
-        >>> fmt = checkpoint_format("ep{epoch}.pt.gz")
-        >>> fmt.codec.name, fmt.extension
-        ('gzip', '.pt.gz')
+        >>> fmt = checkpoint_format("ep{epoch}.tar.gz")
+        >>> fmt.container, fmt.codec.name, fmt.extension
+        ('tar', 'gzip', '.tar.gz')
     """
 
     codec: Codec | None
     extension: str
+    container: str = "torch"
+
+    @property
+    def tensors_only(self) -> bool:
+        """Whether the format holds tensors only (safetensors), so only weights-only saves fit."""
+        return self.container == "safetensors"
+
+    @property
+    def checksummed(self) -> bool:
+        """Whether the outer codec checks the content, so the inner zip CRC-32s are redundant."""
+        return self.codec is not None and self.codec.checksummed
 
 
 _REGISTRY: dict[str, Codec] = {}
@@ -179,30 +189,36 @@ def _register(
     name: str,
     extension: str,
     magic: bytes,
-    default_level: int,
-    levels: range,
+    levels: tuple[int, range],
     writer: Callable[[BinaryIO, int], BinaryIO],
     reader: Callable[[BinaryIO], BinaryIO],
+    *,
+    checksummed: bool = True,
 ) -> None:
-    _REGISTRY[extension] = Codec(name, (extension,), magic, default_level, levels, writer, reader)
+    default, accepted = levels
+    _REGISTRY[extension] = Codec(name, (extension,), magic, default, accepted, checksummed, writer, reader)
 
 
-# gzip without a file name and with mtime 0: the same state gives the same bytes, and the temp
-# file's name does not leak into the checkpoint.
-_register("gzip", "gz", _GZIP_MAGIC, 6, range(0, 10),
-          lambda raw, level: gzip.GzipFile(filename="", mode="wb", compresslevel=level, fileobj=raw, mtime=0),
+def _chunked(compress: Callable[[bytearray, int], bytes]) -> Callable[[BinaryIO, int], BinaryIO]:
+    return lambda raw, level: ChunkedWriter(raw, lambda chunk: compress(chunk, level))
+
+
+# gzip members without a file name and with mtime 0: the same state gives the same bytes, and the
+# temp file's name does not leak into the checkpoint.
+_register("gzip", "gz", _GZIP_MAGIC, (6, range(0, 10)),
+          _chunked(lambda chunk, level: gzip.compress(chunk, compresslevel=level, mtime=0)),
           lambda raw: gzip.GzipFile(fileobj=raw, mode="rb"))  # fmt: skip
-_register("bz2", "bz2", _BZ2_MAGIC, 9, range(1, 10),
-          lambda raw, level: bz2.BZ2File(raw, mode="wb", compresslevel=level),
+_register("bz2", "bz2", _BZ2_MAGIC, (9, range(1, 10)),
+          _chunked(lambda chunk, level: bz2.compress(chunk, compresslevel=level)),
           lambda raw: bz2.BZ2File(raw, mode="rb"))  # fmt: skip
-_register("xz", "xz", _XZ_MAGIC, 6, range(0, 10),
-          lambda raw, level: lzma.LZMAFile(raw, mode="wb", format=lzma.FORMAT_XZ, preset=level),
+_register("xz", "xz", _XZ_MAGIC, (6, range(0, 10)),
+          _chunked(lambda chunk, level: lzma.compress(chunk, format=lzma.FORMAT_XZ, preset=level)),
           lambda raw: lzma.LZMAFile(raw, mode="rb", format=lzma.FORMAT_XZ))  # fmt: skip
-# LZMA-alone has no checksum, so a flipped bit can decode to wrong bytes; verify_file's zip CRCs
-# still catch it. It is here for Composer's `.pt.lzma` files; .xz is the better choice.
-_register("lzma", "lzma", b"", 6, range(0, 10),
+# LZMA-alone has no checksum, so a flipped bit can decode to wrong bytes; the zip CRCs inside stay
+# on for it and verify_file checks them. One stream only: its readers do not concatenate streams.
+_register("lzma", "lzma", b"", (6, range(0, 10)),
           lambda raw, level: lzma.LZMAFile(raw, mode="wb", format=lzma.FORMAT_ALONE, preset=level),
-          lambda raw: lzma.LZMAFile(raw, mode="rb", format=lzma.FORMAT_ALONE))  # fmt: skip
+          lambda raw: lzma.LZMAFile(raw, mode="rb", format=lzma.FORMAT_ALONE), checksummed=False)  # fmt: skip
 
 try:
     import zstandard
@@ -210,54 +226,17 @@ except ImportError:
     _MISSING["zst"] = ("zstd", "zstandard", "zstd")
 else:
 
-    class _ZstdReader(io.RawIOBase):
-        """Decompresses zstd frames from ``raw``, raising ``EOFError`` when a frame is cut short.
+    def _zstd_reader(raw: BinaryIO) -> BinaryIO:
+        expected = check_zstd_frames(raw)
+        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False)
+        return reader if expected is None else io.BufferedReader(CheckedReader(reader, expected), _CHUNK)
 
-        zstandard's own ``stream_reader`` ends silently at a truncated frame, which would turn
-        a half-uploaded checkpoint into a shorter, "valid" stream.
-        """
-
-        def __init__(self, raw: BinaryIO) -> None:
-            super().__init__()
-            self._raw = raw
-            self._dctx = zstandard.ZstdDecompressor()
-            self._frame = None
-            self._input = memoryview(b"")
-            self._output = memoryview(b"")
-
-        def readable(self) -> bool:
-            return True
-
-        def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-            while not self._output:
-                if not self._decompress_more():
-                    return 0
-            n = min(len(buffer), len(self._output))
-            buffer[:n] = self._output[:n]
-            self._output = self._output[n:]
-            return n
-
-        def _decompress_more(self) -> bool:
-            if not self._input:
-                self._input = memoryview(self._raw.read(_CHUNK))
-                if not self._input:
-                    if self._frame is not None and not self._frame.eof:
-                        raise EOFError("zstd stream ended before the end of its frame")
-                    return False
-            if self._frame is None or self._frame.eof:
-                # Several concatenated frames (pzstd, `cat a.zst b.zst`) are one stream.
-                self._frame = self._dctx.decompressobj()
-            piece, self._input = self._input[:_ZSTD_INPUT_BYTES], self._input[_ZSTD_INPUT_BYTES:]
-            self._output = memoryview(self._frame.decompress(piece))
-            if self._frame.eof:
-                self._input = memoryview(self._frame.unused_data + self._input)
-            return True
-
-    # Multi-threaded (one worker per core) and checksummed, so a flipped bit fails to decode.
-    _register("zstd", "zst", _ZSTD_MAGIC, 3, range(-(2**17), zstandard.MAX_COMPRESSION_LEVEL + 1),
-              lambda raw, level: zstandard.ZstdCompressor(level=level, threads=-1, write_checksum=True)
-              .stream_writer(raw, closefd=False),
-              lambda raw: io.BufferedReader(_ZstdReader(raw), buffer_size=_CHUNK))  # fmt: skip
+    # threads=-1: one compression worker per core while torch.save feeds the stream.
+    _register("zstd", "zst", _ZSTD_MAGIC, (3, range(-(2**17), zstandard.MAX_COMPRESSION_LEVEL + 1)),
+              lambda raw, level: zstandard.ZstdCompressor(
+                  level=level, threads=-1, write_checksum=True, write_content_size=True,
+              ).stream_writer(raw, closefd=False),
+              _zstd_reader)  # fmt: skip
 
 try:
     import lz4.frame
@@ -265,15 +244,32 @@ except ImportError:
     _MISSING["lz4"] = ("lz4", "lz4", "lz4")
 else:
     # lz4 leaves the frame checksum off by default; without it a flipped bit goes unseen.
-    _register("lz4", "lz4", _LZ4_MAGIC, lz4.frame.COMPRESSIONLEVEL_MIN,
-              range(lz4.frame.COMPRESSIONLEVEL_MIN, lz4.frame.COMPRESSIONLEVEL_MAX + 1),
-              lambda raw, level: lz4.frame.LZ4FrameFile(raw, mode="wb", compression_level=level, content_checksum=True),
+    _register("lz4", "lz4", _LZ4_MAGIC,
+              (lz4.frame.COMPRESSIONLEVEL_MIN, range(lz4.frame.COMPRESSIONLEVEL_MIN, lz4.frame.COMPRESSIONLEVEL_MAX + 1)),
+              _chunked(lambda chunk, level: lz4.frame.compress(chunk, compression_level=level, content_checksum=True)),
               lambda raw: lz4.frame.LZ4FrameFile(raw, mode="rb"))  # fmt: skip
 
 CODECS: Mapping[str, Codec] = MappingProxyType(_REGISTRY)
 """The available codecs by extension (read-only): ``CODECS['gz'].name == 'gzip'``."""
 
 _CODEC_EXTENSIONS: tuple[str, ...] = (*_REGISTRY, *_MISSING)
+
+_FORMAT_TABLE: dict[str, tuple[str, str | None]] = {
+    **{ext: ("torch", None) for ext in PLAIN_EXTENSIONS},
+    "tar": ("tar", None),
+    "tgz": ("tar", "gz"),
+    "safetensors": ("safetensors", None),
+    **{ext: ("torch", ext) for ext in _CODEC_EXTENSIONS},
+    **{f"tar.{ext}": ("tar", ext) for ext in _CODEC_EXTENSIONS},
+}
+
+FORMATS: Mapping[str, tuple[str, str | None]] = MappingProxyType(_FORMAT_TABLE)
+"""The writer registry: name ending -> (container, codec extension or None), e.g.
+``FORMATS['tar.zst'] == ('tar', 'zst')``. The longest ending of a name that is a key decides."""
+
+
+def _available() -> str:
+    return ", ".join("." + key for key, (_, codec) in _FORMAT_TABLE.items() if codec is None or codec in _REGISTRY)
 
 
 def get_codec(extension: str, *, argument: str = "extension", value: object = None) -> Codec:
@@ -285,8 +281,8 @@ def get_codec(extension: str, *, argument: str = "extension", value: object = No
         value: The value named in error messages (defaults to ``extension``).
 
     Raises:
-        ConfigurationError: The codec's optional package is not installed (the message says which
-            extra to install), or ``extension`` is no codec's.
+        UnsupportedFormatError: ``extension`` is no codec's, or the codec's optional package is
+            not installed (the message lists what is available and which extra to install).
 
     Example:
         >>> get_codec("bz2").name
@@ -297,28 +293,29 @@ def get_codec(extension: str, *, argument: str = "extension", value: object = No
     shown = extension if value is None else value
     if extension in _MISSING:
         name, package, extra = _MISSING[extension]
-        raise ConfigurationError(
+        raise UnsupportedFormatError(
             f"{argument!r} asks for {name} compression (got {shown!r}), which needs the {package!r} "
-            f"package: pip install 'ckpt-callbacks[{extra}]'"
+            f"package: pip install 'ckpt-callbacks[{extra}]'. Available now: {_available()}"
         )
     accepted = "a compression extension: " + ", ".join(_CODEC_EXTENSIONS)
-    raise ConfigurationError(bad_value(argument, accepted, shown))
+    raise UnsupportedFormatError(bad_value(argument, accepted, shown))
 
 
 def checkpoint_format(template: str, *, argument: str = "filename") -> CheckpointFormat:
     """Decide from a name template how checkpoint files under that name are written.
 
     The extension is the text of the basename after its last ``}`` (the whole basename if it has
-    none), from the first ``.`` on: format variables such as ``{total_wct:.1f}`` never count.
+    none), from the first ``.`` on: format variables such as ``{total_wct:.1f}`` never count. Its
+    last two parts, else its last part, are looked up in :data:`FORMATS`.
 
     Args:
         template: A file name template such as ``'ep{epoch}-ba{batch}-rank{rank}.pt.zst'``.
         argument: The argument named in error messages.
 
     Raises:
-        UnsupportedFormatError: Unknown extension, or a ``.symlink`` name.
-        ConfigurationError: The extension needs an optional package that is not installed.
-        NotImplementedError: Tar bundles and safetensors (issue #3).
+        UnsupportedFormatError: Unknown extension, a ``.symlink`` name, or an extension that
+            needs an optional package that is not installed.
+        ConfigurationError: ``template`` is not a str.
 
     Example:
         >>> checkpoint_format("ep{epoch}-ba{batch}-rank{rank}.pt.zst").codec.name
@@ -332,27 +329,27 @@ def checkpoint_format(template: str, *, argument: str = "filename") -> Checkpoin
     dot = tail.find(".")
     extension = tail[dot:] if dot >= 0 else ""
     parts = extension[1:].split(".") if extension else []
-    last = parts[-1] if parts else ""
-
-    is_tar = last in ("tar", "tgz") or (len(parts) >= 2 and parts[-2] == "tar" and last in _CODEC_EXTENSIONS)
-    if is_tar or last == "safetensors":
-        kind = "tar bundles" if is_tar else "safetensors files"
-        raise NotImplementedError(
-            f"{kind} ({template!r}) arrive with issue #3 (formats); name the file '.pt' or '.pt.<codec>' for now"
-        )
-    if last == "symlink":
+    if not parts:
+        return CheckpointFormat(None, "")
+    if parts[-1] == "symlink":
         raise UnsupportedFormatError(
             bad_value(argument, "a checkpoint name: .symlink names are remote pointers, never checkpoints", template)
         )
-    if last in _CODEC_EXTENSIONS:
-        return CheckpointFormat(get_codec(last, argument=argument, value=template), extension)
-    if not parts or last in PLAIN_EXTENSIONS:
-        return CheckpointFormat(None, extension)
+    key = ".".join(parts[-2:])
+    if key not in _FORMAT_TABLE or len(parts) < 2:
+        key = parts[-1]
+    # A compressed safetensors name would promise a layout that nothing writes.
+    if key in _FORMAT_TABLE and not (len(parts) >= 2 and parts[-2] == "safetensors"):
+        container, codec = _FORMAT_TABLE[key]
+        return CheckpointFormat(
+            None if codec is None else get_codec(codec, argument=argument, value=template), extension, container
+        )
     plain = ", ".join("." + e for e in PLAIN_EXTENSIONS)
     codecs = ", ".join("." + e for e in _CODEC_EXTENSIONS)
     accepted = (
         f"a name ending in one of {plain}, optionally followed by a compression extension "
-        f"({codecs}, e.g. 'ep{{epoch}}.pt.zst'), or a name with no extension"
+        f"({codecs}, e.g. 'ep{{epoch}}.pt.zst'); a tar bundle (.tar, .tgz, .tar.<compression>); "
+        "'.safetensors' (weights only); or a name with no extension"
     )
     raise UnsupportedFormatError(bad_value(argument, accepted, template))
 
@@ -372,12 +369,21 @@ def _is_lzma_alone(header: bytes) -> bool:
     return size == 2**64 - 1 or size < 2**48
 
 
+def _is_safetensors(header: bytes) -> bool:
+    # No magic either: an 8-byte little-endian header length, then the JSON header itself.
+    if len(header) < 10:
+        return False
+    (length,) = struct.unpack_from("<Q", header)
+    return 2 <= length <= _SAFETENSORS_MAX_HEADER and header[8:10] in (b'{"', b"{}", b"{ ")
+
+
 def sniff(header: bytes) -> str | None:
     """Name the format of a file from its first bytes (:data:`SNIFF_BYTES` of them, or fewer).
 
     Returns:
         ``'zip'`` (what ``torch.save`` writes), ``'zstd'``, ``'lz4'``, ``'gzip'``, ``'bz2'``,
-        ``'xz'``, ``'lzma'`` (LZMA-alone), ``'tar'`` (needs 262 bytes), or ``None``.
+        ``'xz'``, ``'lzma'`` (LZMA-alone), ``'tar'`` (needs 262 bytes), ``'safetensors'``, or
+        ``None``.
 
     Example:
         >>> sniff(gzip.compress(b"state"))
@@ -396,86 +402,26 @@ def sniff(header: bytes) -> str | None:
             return "bz2"
     if header[257:262] == b"ustar":
         return "tar"
+    if _is_safetensors(header):
+        return "safetensors"
     if _is_lzma_alone(header):
         return "lzma"
     return None
 
 
-def _codec_named(name: str, path: Path) -> Codec:
+def codec_named(name: str, *, path: Path | str | None = None) -> Codec:
+    """Return the codec that :func:`sniff` calls ``name`` (``'zstd'``, ``'gzip'``, ...).
+
+    Raises:
+        UnsupportedFormatError: The codec's optional package is not installed (the message names
+            ``path``, the file that needs it, and the extra to install).
+
+    Example:
+        >>> codec_named("gzip").extensions
+        ('gz',)
+    """
     for codec in _REGISTRY.values():
         if codec.name == name:
             return codec
     extension = next(ext for ext, missing in _MISSING.items() if missing[0] == name)
-    return get_codec(extension, argument="path", value=str(path))
-
-
-def _spill_dir(path: Path) -> str | None:
-    # A decoded checkpoint that outgrows memory spills next to the checkpoint itself: that file
-    # system just held a checkpoint, while /tmp on training nodes is often a small RAM-backed
-    # tmpfs. A read-only checkpoint folder (a mounted dataset) falls back to the system temp dir.
-    parent = path.parent
-    return str(parent) if os.access(parent, os.W_OK | os.X_OK) else None
-
-
-@contextmanager
-def open_decoded(path: Path | str) -> Iterator[BinaryIO]:
-    """Open a checkpoint file and yield a seekable binary file of its decoded bytes.
-
-    The format comes from the file's magic bytes, never its name. A plain ``torch.save`` file is
-    yielded as is; a compressed one is decompressed into a spooled temporary file (in memory up
-    to 64 MiB, then on disk) because ``torch.load`` seeks around its zip archive.
-
-    Raises:
-        CheckpointNotFoundError: ``path`` does not exist.
-        CorruptCheckpointError: Unknown format, or the compressed stream is truncated or damaged
-            (the codec's error is the ``__cause__``).
-        ConfigurationError: The file is zstd or lz4 and that package is not installed.
-        NotImplementedError: The file is a tar bundle (issue #3).
-
-    Example:
-        >>> with open_decoded(Path("ep1-ba10-rank0.pt.zst")) as f:  # doctest: +SKIP
-        ...     state = torch.load(f, weights_only=True)
-    """
-    path = Path(path)
-    try:
-        file = open(path, "rb")  # noqa: SIM115 -- closed by the with block right below
-    except FileNotFoundError as e:
-        raise CheckpointNotFoundError(f"no checkpoint at {path}") from e
-    except IsADirectoryError as e:
-        raise CorruptCheckpointError(f"{path} is a directory, not a checkpoint file") from e
-    with file:
-        header = file.read(SNIFF_BYTES)
-        kind = sniff(header)
-        file.seek(0)
-        if kind == "zip":
-            yield file
-            return
-        if kind == "tar":
-            raise NotImplementedError(f"{path} is a tar bundle; tar bundles arrive with issue #3 (formats)")
-        if kind is None:
-            empty = ", the file is empty" if not header else ""
-            raise CorruptCheckpointError(
-                f"{path} is not a checkpoint: unknown format (first bytes {header[:16]!r}{empty})"
-            )
-        codec = _codec_named(kind, path)
-        with tempfile.SpooledTemporaryFile(
-            max_size=_SPOOL_BYTES, prefix=".decode-", suffix=".tmp", dir=_spill_dir(path)
-        ) as spool:
-            with codec.open_reader(file) as reader:
-                while True:
-                    try:
-                        chunk = reader.read(_CHUNK)
-                    except Exception as e:  # every codec has its own error types; all mean damage
-                        raise CorruptCheckpointError(
-                            f"{path} is corrupt: its {codec.name} stream does not decode ({type(e).__name__}: {e})"
-                        ) from e
-                    if not chunk:
-                        break
-                    spool.write(chunk)
-            spool.seek(0)
-            if sniff(spool.read(SNIFF_BYTES)) == "tar":
-                raise NotImplementedError(
-                    f"{path} is a {codec.name}-compressed tar bundle; tar bundles arrive with issue #3 (formats)"
-                )
-            spool.seek(0)
-            yield spool  # type: ignore[misc]
+    return get_codec(extension, argument="path", value=None if path is None else str(path))

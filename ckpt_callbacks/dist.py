@@ -22,6 +22,8 @@ from typing import Any, Callable, TypeVar
 
 import torch.distributed as torch_dist
 
+from ckpt_callbacks.errors import CheckpointError
+
 __all__ = [
     "DistInfo",
     "all_gather_object",
@@ -31,6 +33,7 @@ __all__ = [
     "decide",
     "dist_info",
     "is_distributed",
+    "raise_if_any_failed",
 ]
 
 T = TypeVar("T")
@@ -154,3 +157,27 @@ def decide(decision: Callable[[], T]) -> T:
     """
     mine = decision() if dist_info().rank == 0 else None
     return broadcast_object(mine, src=0)
+
+
+def raise_if_any_failed(error: BaseException | None, *, action: str) -> None:
+    """Tell every rank whether ``action`` failed anywhere, and raise the same error on every rank.
+
+    Each rank passes its own failure (or None). This is a collective: every rank must call it, which
+    also makes it a barrier: no rank runs ahead of a commit. In a single process the original
+    exception is re-raised unchanged.
+
+    Raises:
+        CheckpointError: on every rank, naming the ranks that failed and why (chained to the
+            local exception on a failing rank).
+
+    Example:
+        >>> raise_if_any_failed(None, action="saving ba100.pt")  # every rank succeeded: returns
+    """
+    if not is_distributed():
+        if error is not None:
+            raise error
+        return
+    statuses = all_gather_object(None if error is None else f"{type(error).__name__}: {error}")
+    failures = [f"rank {rank}: {status}" for rank, status in enumerate(statuses) if status is not None]
+    if failures:
+        raise CheckpointError(f"{action} failed on {'; '.join(failures)}") from error

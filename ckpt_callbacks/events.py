@@ -3,11 +3,15 @@
 A trainer fires events in Composer's order; every callback gets each event through
 :meth:`Callback.run_event`, which dispatches to the method of the same name::
 
-    INIT -> FIT_START -> { EPOCH_START -> { BATCH_START -> BATCH_END -> BATCH_CHECKPOINT }*
-                           -> EPOCH_END -> EPOCH_CHECKPOINT }* -> FIT_END
+    INIT -> FIT_START -> { EPOCH_START -> { BATCH_START -> BATCH_END -> [eval] -> BATCH_CHECKPOINT }*
+                           -> EPOCH_END -> [eval] -> EPOCH_CHECKPOINT }* -> FIT_END
+
+    [eval] = EVAL_START -> EVAL_END, when an evaluation is due
 
 The timestamp is advanced before ``BATCH_END`` (so ``{batch}`` counts the batch just trained), and the
-epoch is rolled before ``EPOCH_END`` (so in-epoch counters read 0 at ``EPOCH_CHECKPOINT``).
+epoch is rolled before ``EPOCH_END`` (so in-epoch counters read 0 at ``EPOCH_CHECKPOINT``). Evaluation
+runs before the checkpoint event of the same step, so a checkpoint saved there is scored with the
+metrics of its own weights.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ class Event(str, Enum):
     EPOCH_START = "epoch_start"
     BATCH_START = "batch_start"
     BATCH_END = "batch_end"
+    EVAL_START = "eval_start"
+    EVAL_END = "eval_end"
     BATCH_CHECKPOINT = "batch_checkpoint"
     EPOCH_END = "epoch_end"
     EPOCH_CHECKPOINT = "epoch_checkpoint"
@@ -74,6 +80,12 @@ class Callback:
 
     def batch_end(self, state: State) -> None:
         """Called after every batch, with the timestamp already advanced."""
+
+    def eval_start(self, state: State) -> None:
+        """Called before an evaluation, after ``batch_end`` or ``epoch_end``."""
+
+    def eval_end(self, state: State) -> None:
+        """Called after an evaluation, with its results in ``state.metrics``."""
 
     def batch_checkpoint(self, state: State) -> None:
         """Called after :meth:`batch_end`: the place to save per-batch checkpoints."""

@@ -19,9 +19,10 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from ckpt_callbacks.dist import dist_info
+from ckpt_callbacks import dist
 from ckpt_callbacks.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ckpt_callbacks.serialization import apply_ignore_keys, check_ignore_keys, read_state, verify_file
+from ckpt_callbacks.sharded import is_sharded_checkpoint, load_sharded, verify_sharded
 from ckpt_callbacks.state import State, restore_rng_state
 from ckpt_callbacks.storage import resolve_latest
 
@@ -85,6 +86,10 @@ def load_checkpoint(
     if storage_options is not None:
         raise NotImplementedError("storage_options arrive with issue #4 (remote object stores)")
     target = resolve_checkpoint_path(path)
+    if is_sharded_checkpoint(target):
+        checkpoint = load_sharded(target, state, weights_only=weights_only, strict=strict)
+        _restore_extras(checkpoint, state, ignore_keys, weights_only, target)
+        return checkpoint
     checkpoint = read_state(target)
     apply_ignore_keys(checkpoint, check_ignore_keys(ignore_keys, argument="ignore_keys"))
     body = checkpoint.get("state")
@@ -102,11 +107,25 @@ def load_checkpoint(
     return checkpoint
 
 
+def _restore_extras(
+    checkpoint: dict[str, Any], state: State, ignore_keys: Any, weights_only: bool, source: Path
+) -> None:
+    """Restore the unsharded parts of a sharded checkpoint (its tensors are already loaded)."""
+    apply_ignore_keys(checkpoint, check_ignore_keys(ignore_keys, argument="ignore_keys"))
+    if weights_only:
+        return
+    state.load_extras(checkpoint.get("state", {}))
+    seed = checkpoint.get("state", {}).get("metadata", {}).get("seed")
+    if seed is not None:
+        state.seed = int(seed)
+    _restore_rng(checkpoint.get("rng"), source)
+
+
 def _restore_rng(rng: Any, source: Path) -> None:
     if not rng:
         return
-    rank = dist_info().rank
-    if rank < len(rng):
+    rank = dist.dist_info().rank
+    if rank < len(rng) and rng[rank] is not None:
         restore_rng_state(rng[rank])
     else:
         warnings.warn(
@@ -117,25 +136,77 @@ def _restore_rng(rng: Any, source: Path) -> None:
 
 
 def find_resume_checkpoint(managers: Sequence[CheckpointManager]) -> Path | None:
-    """The newest verified checkpoint of ``managers`` (the full-state savers of a run), or None.
+    """The newest checkpoint of ``managers`` (a run's full-state savers) that every rank can read.
 
-    A candidate that fails verification is renamed aside (``<name>.corrupt``, so that the
-    ``overwrite=False`` check does not trip on it) with a warning, and the next newest is tried.
-    ``latest`` is repointed at the chosen checkpoint if it pointed elsewhere.
+    A collective: every rank calls it and gets the path it must load (its own file in
+    ``'per_rank'`` mode, rank 0's file or folder otherwise), or None on every rank. Ranks agree with
+    one all-gather of their candidates: a per-rank checkpoint counts only if every rank has its
+    file. The newest candidate is verified (zip CRCs included) on every rank that holds a part;
+    one that fails anywhere is renamed aside (``<name>.corrupt``, so the ``overwrite=False`` check
+    does not trip on it) with a warning, and the group falls back to the next. ``latest`` is
+    repointed at the chosen checkpoint where it pointed elsewhere.
     """
-    candidates = []
-    for manager in managers:
-        manager.reconcile()
-        candidates += [(info.saved_at, info.seq, info, manager) for info in manager.all() if not info.weights_only]
-    for _, _, info, manager in sorted(candidates, key=lambda item: item[:2], reverse=True):
-        path = manager.path_of(info)
-        try:
-            verify_file(path)
-        except CorruptCheckpointError as error:
-            warnings.warn(f"autoresume: skipping corrupt checkpoint {path}: {error}", UserWarning, stacklevel=2)
-            manager.set_aside(info, str(error))
+    local = []
+    for index, manager in enumerate(managers):
+        if manager.writes:
+            manager.reconcile()
+            local += [(index, info.seq, info.saved_at) for info in manager.all() if not info.weights_only]
+    everyone = dist.all_gather_object(local)
+    agreed = _agreed_candidates(everyone, managers)
+    _set_aside_incomplete(local, agreed, managers)
+    for index, seq in agreed:
+        manager = managers[index]
+        info = next((c for c in manager.all() if c.seq == seq), None) if manager.writes else None
+        problem = None if info is None else _problem(manager.path_of(info))
+        problems = dist.all_gather_object(problem)
+        if any(problems):
+            if problem is not None and info is not None:
+                warnings.warn(f"autoresume: skipping corrupt checkpoint {manager.path_of(info)}: {problem}",
+                              UserWarning, stacklevel=2)
+                manager.set_aside(info, problem)
             continue
-        if manager.latest_link_target(info.timestamp) != path:
+        if info is not None and manager.latest_link_target(info.timestamp) != manager.path_of(info):
             manager.republish(info)
-        return path
+        if manager.ranks == "per_rank":
+            return manager.path_of(info) if info is not None else None
+        return Path(dist.broadcast_object(str(manager.path_of(info)) if info is not None else None))
+    return None
+
+
+def _agreed_candidates(
+    everyone: list[list[tuple[int, int, float]]], managers: Sequence[CheckpointManager]
+) -> list[tuple[int, int]]:
+    """(manager index, seq) of the candidates every needed rank holds, newest first by rank 0's clock."""
+    on_rank0 = {(index, seq): saved_at for index, seq, saved_at in everyone[0]}
+    complete = []
+    for (index, seq), saved_at in on_rank0.items():
+        if managers[index].ranks == "per_rank" and not all(
+            any((i, s) == (index, seq) for i, s, _ in ranks_list) for ranks_list in everyone
+        ):
+            continue
+        complete.append((saved_at, seq, index))
+    return [(index, seq) for _, seq, index in sorted(complete, reverse=True)]
+
+
+def _set_aside_incomplete(
+    local: list[tuple[int, int, float]], agreed: list[tuple[int, int]], managers: Sequence[CheckpointManager]
+) -> None:
+    """A per-rank checkpoint that some rank lacks can never be resumed: move this rank's part aside."""
+    for index, seq, _ in local:
+        manager = managers[index]
+        if manager.ranks == "per_rank" and (index, seq) not in agreed:
+            info = next(c for c in manager.all() if c.seq == seq)
+            warnings.warn(f"autoresume: {manager.path_of(info)} is incomplete (another rank lacks its part)",
+                          UserWarning, stacklevel=3)
+            manager.set_aside(info, "another rank lacks its part", suffix=".incomplete")
+
+
+def _problem(path: Path) -> str | None:
+    try:
+        if path.is_dir():
+            verify_sharded(path)
+        else:
+            verify_file(path)
+    except CorruptCheckpointError as error:
+        return str(error)
     return None

@@ -26,6 +26,7 @@ Example, without our Trainer or events::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -39,11 +40,14 @@ import torch
 
 from ckpt_callbacks import dist
 from ckpt_callbacks.codecs import checkpoint_format
-from ckpt_callbacks.errors import CheckpointExistsError
+from ckpt_callbacks.errors import CheckpointExistsError, ConfigurationError, bad_value
 from ckpt_callbacks.naming import DIST_VARIABLES, RUN_VARIABLES, NameTemplate, check_relative, is_later
-from ckpt_callbacks.record import CheckpointInfo, CheckpointRecord, scan_folder
-from ckpt_callbacks.retention import RetentionPolicy, retention_from_arguments
+from ckpt_callbacks.record import (
+    CheckpointInfo, CheckpointRecord, folder_files, metric_values, metrics_at_save, scan_folder,
+)
+from ckpt_callbacks.retention import RetentionPolicy, check_best_filename, find_best_policy, retention_from_arguments
 from ckpt_callbacks.serialization import SCHEMA_VERSION, apply_ignore_keys, check_ignore_keys, write_state
+from ckpt_callbacks.sharded import write_sharded_checkpoint
 from ckpt_callbacks.state import State, capture_rng_state
 from ckpt_callbacks.storage import (
     atomic_write,
@@ -60,6 +64,7 @@ __all__ = ["CheckpointManager", "InlineExecutor"]
 log = logging.getLogger(__name__)
 
 FOLDER_VARIABLES = RUN_VARIABLES + DIST_VARIABLES
+RANK_MODES = ("rank0", "per_rank", "sharded")
 
 
 def _library_version() -> str:
@@ -107,7 +112,11 @@ class CheckpointManager:
         key: the identity of this saver (its callback state key); derived from the templates if None.
         latest_mode: ``'auto'`` (symlink, pointer file where symlinks are impossible), ``'symlink'``
             or ``'pointer'``.
+        ranks: ``'rank0'`` (rank 0 writes the full state), ``'per_rank'`` (every rank writes its
+            own file) or ``'sharded'`` (a DCP folder of every rank's shards).
         executor: runs the steps after capture (default: inline).
+        best_filename: template of a ``best`` link (like ``latest``) to the best checkpoint by the
+            metric of the :class:`~ckpt_callbacks.retention.KeepBest` in ``retention``; ``None`` for none.
 
     Raises:
         ConfigurationError: any bad argument (see :class:`~ckpt_callbacks.saver.CheckpointSaver`).
@@ -128,7 +137,9 @@ class CheckpointManager:
         compression_level: int | None = None,
         key: str | None = None,
         latest_mode: str = "auto",
+        ranks: str = "rank0",
         executor: Any = None,
+        best_filename: str | os.PathLike | None = None,
     ) -> None:
         self.folder_template = NameTemplate(folder, argument="folder", allowed=FOLDER_VARIABLES, relative=False)
         self.filename = NameTemplate(filename, argument="filename")
@@ -137,11 +148,15 @@ class CheckpointManager:
         )
         self.format = checkpoint_format(self.filename.template, argument="filename")
         self.retention = retention_from_arguments(num_checkpoints_to_keep, retention)
+        self.best_filename = check_best_filename(best_filename, self.retention)
         self.weights_only = bool(weights_only)
         self.ignore_keys = check_ignore_keys(ignore_keys)
         self.overwrite = bool(overwrite)
         self.compression_level = compression_level
         self.latest_mode = latest_mode
+        if ranks not in RANK_MODES:
+            raise ConfigurationError(bad_value("ranks", "'rank0', 'per_rank' or 'sharded'", ranks))
+        self.ranks = ranks
         self.run_name = run_name
         self.key = key or "CheckpointManager-" + _digest(self.folder_template.template, self.filename.template)
         self.rank_info = dist.dist_info()
@@ -157,8 +172,14 @@ class CheckpointManager:
 
     @property
     def writes(self) -> bool:
-        """Whether this rank writes files (rank 0 only, in ``ranks='rank0'`` mode)."""
-        return self.rank_info.rank == 0
+        """Whether this rank commits checkpoints and keeps a record: every rank in ``'per_rank'``
+        mode, rank 0 otherwise (in ``'sharded'`` mode every rank writes shards, rank 0 commits)."""
+        return self.ranks == "per_rank" or self.rank_info.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        """Whether checkpoints are DCP folders of shards (``ranks='sharded'``)."""
+        return self.ranks == "sharded"
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -218,10 +239,10 @@ class CheckpointManager:
             load_checkpoint(self.path_of(info), state, **load_options)
         return info
 
-    def set_aside(self, info: CheckpointInfo, reason: str) -> Path:
-        """Rename a bad checkpoint out of the template's way and forget it."""
+    def set_aside(self, info: CheckpointInfo, reason: str, *, suffix: str = ".corrupt") -> Path:
+        """Rename a checkpoint that cannot be resumed out of the template's way and forget it."""
         path = self.path_of(info)
-        aside = path.with_name(path.name + ".corrupt")
+        aside = path.with_name(path.name + suffix)
         os.replace(path, aside)
         log.warning("set aside %s as %s: %s", path, aside, reason)
         self.record.remove(info.name)
@@ -236,39 +257,42 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ the pipeline
 
-    def save(self, timestamp: Timestamp, state: State | Mapping[str, Any]) -> Future:
+    def save(
+        self, timestamp: Timestamp, state: State | Mapping[str, Any], *, score: float | Mapping[str, float] | None = None
+    ) -> Future:
         """Save ``state`` as of ``timestamp``; returns a future of the :class:`CheckpointInfo`.
 
+        The checkpoint is recorded with the state's metrics if they were measured at its batch, plus
+        ``score`` (a number is the metric ``'score'``, a dict adds metrics by name), for ``KeepBest``.
+
         ``state`` is a :class:`State` (full or weights-only checkpoint, as configured) or a plain
-        dict saved as the checkpoint's ``state``. In sync mode the future is already done.
+        dict saved as the checkpoint's ``state``. Every rank calls this; ranks that write nothing
+        get ``None``. In sync mode the future is already done. If any rank fails, every rank's
+        future raises the same :class:`~ckpt_callbacks.errors.CheckpointError` naming it.
         """
         self.wait()
         started = time.perf_counter()
-        captured = self._capture(state, timestamp)
-        if captured is None:
-            return _done(None)
-        checkpoint, seq = captured
-        metrics = dict(state.metrics) if isinstance(state, State) else {}
-        self._in_flight = self._executor.submit(lambda: self._write(checkpoint, seq, timestamp, metrics, started))
+        metrics = metrics_at_save(state, timestamp, score)
+        checkpoint = self._capture(state, timestamp)
+        job = functools.partial(self._write_everywhere, checkpoint, state, timestamp, metrics, started)
+        self._in_flight = self._executor.submit(job)
         return self._in_flight
 
-    def _capture(
-        self, state: State | Mapping[str, Any], timestamp: Timestamp
-    ) -> tuple[dict[str, Any], int] | None:
+    def _capture(self, state: State | Mapping[str, Any], timestamp: Timestamp) -> dict[str, Any] | None:
+        """The checkpoint dict this rank writes (None if it writes none); tensors in sharded
+        mode are taken by DCP while writing."""
         full = isinstance(state, State) and not self.weights_only
-        rng = dist.all_gather_object(capture_rng_state()) if full else None
+        rng = self._capture_rng() if full else None
         if not self.writes:
             return None
         seq = self.record.take_seq()
         if isinstance(state, State):
-            body = state.weights_state_dict() if self.weights_only else state.state_dict()
-            if not self.weights_only:
-                pending = CheckpointInfo(
-                    seq=seq, name=self._name(timestamp), timestamp=timestamp,
-                    lineage=self.record.lineage.id if self.record.lineage else "", size=0,
-                    saved_at=time.time(), weights_only=False,
-                )
-                body["callbacks"][self.key] = self.callback_state(pending)
+            body = state.weights_state_dict() if self.weights_only and not self.sharded else {}
+            if full:
+                body = state.state_dict()
+                if self.sharded:
+                    del body["model"], body["optimizers"]
+                body["callbacks"][self.key] = self.callback_state(self._pending(seq, timestamp))
         else:
             body = dict(state)
         body["metadata"] = self._metadata(seq, timestamp, state)
@@ -277,41 +301,106 @@ class CheckpointManager:
             checkpoint["rng"] = rng
         apply_ignore_keys(checkpoint, self.ignore_keys)
         checkpoint.setdefault("state", {})
-        return checkpoint, seq
+        return checkpoint
+
+    def _capture_rng(self) -> list[Any]:
+        if self.ranks == "per_rank":
+            rng: list[Any] = [None] * self.rank_info.world_size
+            rng[self.rank_info.rank] = capture_rng_state()
+            return rng
+        return dist.all_gather_object(capture_rng_state())
+
+    def _write_everywhere(
+        self, checkpoint: dict[str, Any] | None, state: State | Mapping[str, Any], timestamp: Timestamp,
+        metrics: dict[str, float], started: float,
+    ) -> CheckpointInfo | None:
+        """Write this rank's part, then agree with every rank that all parts were written."""
+        info, error = None, None
+        try:
+            info = self._write(checkpoint, state, timestamp, metrics, started)
+        except Exception as failure:  # noqa: BLE001 -- reported to every rank, then raised
+            error = failure
+        dist.raise_if_any_failed(error, action=f"saving the checkpoint at {timestamp}")
+        return info
 
     def _write(
-        self, checkpoint: dict[str, Any], seq: int, timestamp: Timestamp, metrics: dict[str, float], started: float
-    ) -> CheckpointInfo:
-        stall = time.perf_counter() - started
+        self, checkpoint: dict[str, Any] | None, state: State | Mapping[str, Any], timestamp: Timestamp,
+        metrics: dict[str, float], started: float,
+    ) -> CheckpointInfo | None:
         name = self._name(timestamp)
         path = self.folder / name
-        makedirs_durable(path.parent)
-        with atomic_write(path) as target:
-            write_state(checkpoint, target.file, self.format, self.compression_level)
+        if self.sharded and isinstance(state, State):
+            size = write_sharded_checkpoint(path, state, checkpoint, self.weights_only, self._write_file)
+        elif checkpoint is not None:
+            size = self._write_file(path, checkpoint)
+        else:
+            return None
+        if checkpoint is None:
+            return None
+        metadata = checkpoint["state"].get("metadata", {})
         info = CheckpointInfo(
-            seq=seq,
+            seq=metadata.get("save_sequence", self.record.next_seq - 1),
             name=name,
             timestamp=timestamp,
             lineage=self.record.lineage.id if self.record.lineage else "",
-            size=target.size,
+            size=size,
             saved_at=time.time(),
             weights_only=self.weights_only,
-            files=(name,),
+            files=folder_files(path, self.folder) if path.is_dir() else (name,),
             metrics=metrics,
         )
+        stall = time.perf_counter() - started
         self._publish(info)
         self._prune()
+        self._publish_best()
         log.info(
             "saved %s: %d bytes, stall %.3f s, durable after %.3f s",
             path, info.size, stall, time.perf_counter() - started,
         )
         return info
 
+    def _write_file(self, path: Path, checkpoint: dict[str, Any]) -> int:
+        """Serialize, encode and commit one checkpoint file; returns its size."""
+        makedirs_durable(path.parent)
+        with atomic_write(path) as target:
+            write_state(checkpoint, target.file, self.format, self.compression_level)
+        return target.size
+
     def _publish(self, info: CheckpointInfo) -> None:
         if not _keeps_none(self.retention):
             self.republish(info)
         self.record.add(info)
         self.record.save()
+
+    def best(self) -> CheckpointInfo | None:
+        """The best checkpoint on disk by the retention's ``KeepBest`` metric (None: no KeepBest, no score)."""
+        policy = find_best_policy(self.retention)
+        return None if policy is None else policy.best(self.all())
+
+    def update_metrics(self, metrics: Mapping[str, float], timestamp: Timestamp | None = None) -> list[CheckpointInfo]:
+        """Score checkpoints with metrics that arrived after they were saved (a later evaluation).
+
+        This run's checkpoints saved at ``timestamp``'s batch (default: the newest checkpoint) get the
+        metrics they lack; then the record is saved, retention applied again and ``best`` moved.
+        Returns the checkpoints that were scored.
+        """
+        self.wait()
+        if not self.writes:
+            return []
+        scored = self.record.add_metrics(metric_values(metrics), batch=None if timestamp is None else timestamp.batch)
+        if scored:
+            self.record.save()
+            self._prune()
+            self._publish_best()
+        return scored
+
+    def _publish_best(self) -> None:
+        best = self.best() if self.best_filename is not None else None
+        if best is None:
+            return
+        link = self.folder / check_relative(self.best_filename.format(**self.fixed), argument="best_filename")
+        if resolve_latest(link) != Path(os.path.normpath(self.path_of(best))):
+            publish_latest(link, self.path_of(best), mode=self.latest_mode)
 
     def _prune(self) -> None:
         checkpoints = self.record.checkpoints
@@ -360,7 +449,7 @@ class CheckpointManager:
             "library_version": _library_version(),
             "torch_version": str(torch.__version__),
             "world_size": self.rank_info.world_size,
-            "ranks": "rank0",
+            "ranks": self.ranks,
             "run_name": self.run_name,
             "timestamp": timestamp.state_dict(),
             "save_sequence": seq,
@@ -371,6 +460,14 @@ class CheckpointManager:
             "saver": self.key,
             "seed": state.seed if isinstance(state, State) else None,
         }
+
+    def _pending(self, seq: int, timestamp: Timestamp) -> CheckpointInfo:
+        """The record entry of the checkpoint being written (its size is not known yet)."""
+        return CheckpointInfo(
+            seq=seq, name=self._name(timestamp), timestamp=timestamp,
+            lineage=self.record.lineage.id if self.record.lineage else "", size=0,
+            saved_at=time.time(), weights_only=self.weights_only,
+        )
 
     def callback_state(self, pending: CheckpointInfo | None = None) -> dict[str, Any]:
         """The saver's callback state: its record, plus ``pending`` (a checkpoint lists itself, as in Composer)."""
@@ -415,9 +512,3 @@ def _keeps_none(policy: RetentionPolicy) -> bool:
 
 def _digest(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:10]
-
-
-def _done(value: Any) -> Future:
-    future: Future = Future()
-    future.set_result(value)
-    return future

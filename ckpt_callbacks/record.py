@@ -11,20 +11,24 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
 import os
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
-from ckpt_callbacks.errors import CorruptCheckpointError
+from ckpt_callbacks.errors import ConfigurationError, CorruptCheckpointError, bad_value
 from ckpt_callbacks.naming import NameTemplate
 from ckpt_callbacks.serialization import read_state
 from ckpt_callbacks.storage import atomic_write, is_temp_name
 from ckpt_callbacks.time import Timestamp
 
-__all__ = ["CheckpointInfo", "CheckpointRecord", "Lineage", "scan_folder"]
+__all__ = [
+    "FOLDER_METADATA", "SCORE_METRIC", "CheckpointInfo", "CheckpointRecord", "Lineage", "folder_files",
+    "metric_values", "metrics_at_save", "scan_folder",
+]
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +160,27 @@ class CheckpointRecord:
         """The last committed checkpoint, by save sequence."""
         return self.checkpoints[-1] if self.checkpoints else None
 
+    def add_metrics(self, metrics: Mapping[str, float], *, batch: int | None = None) -> list[CheckpointInfo]:
+        """Give metrics that arrived after a save to the checkpoints they describe; return those changed.
+
+        The targets are the current lineage's checkpoints saved at training batch ``batch`` (default:
+        the newest checkpoint): only they hold the weights the metrics were measured on. A metric
+        a checkpoint already has is kept.
+        """
+        if batch is None:
+            targets = self.checkpoints[-1:]
+        else:
+            lineage = self.lineage.id if self.lineage else ""
+            targets = [c for c in self.checkpoints if c.timestamp.batch == batch and c.lineage == lineage]
+        changed = []
+        for target in targets:
+            missing = {name: value for name, value in metrics.items() if name not in target.metrics}
+            if missing:
+                info = replace(target, metrics={**target.metrics, **missing})
+                self.checkpoints[self.checkpoints.index(target)] = info
+                changed.append(info)
+        return changed
+
     def to_json(self) -> dict[str, Any]:
         """The JSON document written to disk."""
         return {
@@ -230,6 +255,16 @@ FOLDER_METADATA = "ckpt_callbacks.json"
 """The metadata file inside a checkpoint that is a folder (a sharded checkpoint)."""
 
 
+def folder_files(checkpoint: Path, folder: Path) -> tuple[str, ...]:
+    """The files of a checkpoint that is a folder, relative to ``folder`` (``/``-separated), sorted.
+
+    Example:
+        >>> folder_files(Path("ckpt/ba100"), Path("ckpt"))  # doctest: +SKIP
+        ('ba100/.metadata', 'ba100/__0_0.distcp', 'ba100/ckpt_callbacks.json', 'ba100/extras.pt')
+    """
+    return tuple(sorted(p.relative_to(folder).as_posix() for p in checkpoint.rglob("*") if p.is_file()))
+
+
 def _read_metadata(path: Path) -> dict[str, Any]:
     if path.is_dir():
         return json.loads((path / FOLDER_METADATA).read_text())
@@ -246,9 +281,61 @@ def _adopt(folder: Path, name: str, *, saver: str, run_name: str) -> CheckpointI
     if meta.get("saver") != saver or meta.get("run_name") != run_name:
         return None
     log.info("found %s, committed but not recorded (an interrupted save); recording it", path)
-    files = tuple(sorted(p.relative_to(folder).as_posix() for p in path.rglob("*") if p.is_file())) if path.is_dir() else (name,)
+    files = folder_files(path, folder) if path.is_dir() else (name,)
     return CheckpointInfo(
         seq=int(meta["save_sequence"]), name=name, timestamp=Timestamp.from_state_dict(meta["timestamp"]),
         lineage=meta.get("lineage", ""), size=sum((folder / f).stat().st_size for f in files),
         saved_at=float(meta["saved_at"]), weights_only=bool(meta.get("weights_only")), files=files,
     )
+
+
+SCORE_METRIC = "score"
+"""The metric name of ``CheckpointManager.save(..., score=<number>)``: ``KeepBest(n, 'score')``."""
+
+
+def metric_values(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric metrics (numbers, one-element tensors) as floats, ready for JSON; others are skipped.
+
+    Example:
+        >>> metric_values({"val/loss": 0.25, "phase": "warmup"})
+        {'val/loss': 0.25}
+    """
+    values = {}
+    for name, value in metrics.items():
+        if isinstance(value, (str, bytes)):
+            continue
+        try:
+            values[str(name)] = float(value)
+        except (TypeError, ValueError, RuntimeError):
+            log.debug("metric %r is not a number (%r): not recorded", name, value)
+    return values
+
+
+def metrics_at_save(state: Any, timestamp: Timestamp, score: float | Mapping[str, float] | None) -> dict[str, float]:
+    """The metrics recorded with a checkpoint saved at ``timestamp``.
+
+    The state's ``metrics`` count only if they were measured at the checkpoint's batch (or when
+    is unknown): metrics of an earlier evaluation describe other weights. ``score`` adds to them:
+    a number as the metric :data:`SCORE_METRIC`, a dict as metrics of those names.
+
+    Raises:
+        ConfigurationError: ``score`` is not None, a number, or a dict of metric name -> number.
+
+    Example:
+        >>> metrics_at_save(None, Timestamp(batch=5), 0.5)
+        {'score': 0.5}
+    """
+    measured = getattr(state, "metrics_timestamp", None)
+    fresh = measured is None or measured.batch == timestamp.batch
+    metrics = metric_values(getattr(state, "metrics", None) or {}) if fresh else {}
+    accepted = "None, a number, or a dict of metric name -> number"
+    if score is None:
+        return metrics
+    if isinstance(score, Mapping):
+        explicit = metric_values(score)
+        if len(explicit) != len(score):
+            raise ConfigurationError(bad_value("score", accepted, score))
+        return {**metrics, **explicit}
+    if isinstance(score, bool) or not isinstance(score, numbers.Real):
+        raise ConfigurationError(bad_value("score", accepted, score))
+    return {**metrics, SCORE_METRIC: float(score)}

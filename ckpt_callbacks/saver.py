@@ -18,12 +18,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ckpt_callbacks import dist
 from ckpt_callbacks.codecs import Codec, checkpoint_format
-from ckpt_callbacks.errors import ConfigurationError, bad_value
+from ckpt_callbacks.errors import ConfigurationError, InvalidTemplateError, bad_value
 from ckpt_callbacks.events import Callback, Event
 from ckpt_callbacks.intervals import create_save_policy
-from ckpt_callbacks.manager import FOLDER_VARIABLES, CheckpointManager
+from ckpt_callbacks.manager import FOLDER_VARIABLES, RANK_MODES, CheckpointManager
 from ckpt_callbacks.naming import NameTemplate
-from ckpt_callbacks.retention import KeepAll, KeepLast, RetentionPolicy, retention_from_arguments
+from ckpt_callbacks.retention import RetentionPolicy, check_best_filename, retention_from_arguments
 from ckpt_callbacks.serialization import check_ignore_keys
 from ckpt_callbacks.state import State
 from ckpt_callbacks.time import Time
@@ -31,7 +31,6 @@ from ckpt_callbacks.time import Time
 __all__ = ["CheckpointSaver"]
 
 SAVE_MODES = ("sync", "async")
-RANK_MODES = ("rank0", "per_rank", "sharded")
 UPLOAD_ERROR_MODES = ("raise", "warn")
 
 
@@ -77,11 +76,18 @@ class CheckpointSaver(Callback):
         storage_options: credentials and endpoint of the object store (issue #4).
         save_mode: ``'sync'`` (``'async'`` arrives with issue #6).
         compression_level: level of the codec the extension chooses (``None``: its default).
-        ranks: ``'rank0'`` (``'per_rank'`` and ``'sharded'`` arrive with issue #5).
-        retention: a retention policy (:class:`~ckpt_callbacks.retention.KeepLast`) instead of
-            ``num_checkpoints_to_keep``.
+        ranks: ``'rank0'`` (rank 0 writes the full, replicated state: DDP), ``'per_rank'`` (every
+            rank writes its own file; ``{rank}`` is required in the names when several ranks write) or
+            ``'sharded'`` (a ``torch.distributed.checkpoint`` folder of every rank's shards: FSDP2 and
+            other DTensor models; reshardable on resume).
+        retention: a retention policy instead of ``num_checkpoints_to_keep``: ``KeepLast``,
+            ``KeepBest``, ``KeepEvery``, ``KeepWithin`` or ``KeepAny`` of them
+            (:mod:`ckpt_callbacks.retention`). A checkpoint is deleted only when no policy keeps it.
         remote_retention: retention of objects in the store (issue #4).
         on_upload_error: ``'raise'`` or ``'warn'`` (issue #4).
+        best_filename: template of a ``best`` link relative to ``folder`` (run and rank variables
+            only), moved atomically like ``latest`` to the best checkpoint by the metric of the
+            ``KeepBest`` in ``retention``; ``None`` (default) for none.
 
     Raises:
         ConfigurationError: a bad argument, naming it, its value and what is accepted.
@@ -116,6 +122,7 @@ class CheckpointSaver(Callback):
         retention: RetentionPolicy | None = None,
         remote_retention: RetentionPolicy | None = None,
         on_upload_error: str = "raise",
+        best_filename: str | os.PathLike | None = None,
     ) -> None:
         if "://" in os.fspath(folder):
             raise _not_yet("folder", os.fspath(folder), 4, "remote object stores")
@@ -127,10 +134,16 @@ class CheckpointSaver(Callback):
         )
         self.save_interval = create_save_policy(save_interval)
         self.retention = retention_from_arguments(num_checkpoints_to_keep, retention)
-        if not isinstance(self.retention, (KeepAll, KeepLast)):
-            raise _not_yet("retention", retention, 10, "retention policies")
+        self.best_filename = check_best_filename(best_filename, self.retention)
+        if self.best_filename and self.latest_filename and self.best_filename.template == self.latest_filename.template:
+            raise ConfigurationError(bad_value("best_filename", "a name other than latest_filename", best_filename))
         self.ignore_keys = check_ignore_keys(ignore_keys)
         self.weights_only = _check_bool("weights_only", weights_only)
+        if self.format.tensors_only and not self.weights_only:
+            raise ConfigurationError(bad_value(
+                "weights_only", f"True for filename={self.filename.template!r}: "
+                f"{self.format.extension} holds tensors only, not a training state", weights_only,
+            ))  # fmt: skip
         self.overwrite = _check_bool("overwrite", overwrite)
         _check_uploads(num_concurrent_uploads, upload_timeout_in_seconds, storage_options, on_upload_error)
         for argument, value in (
@@ -147,8 +160,6 @@ class CheckpointSaver(Callback):
             raise _not_yet("save_mode", save_mode, 6, "async saving")
         if ranks not in RANK_MODES:
             raise ConfigurationError(bad_value("ranks", "'rank0', 'per_rank' or 'sharded'", ranks))
-        if ranks != "rank0":
-            raise _not_yet("ranks", ranks, 5, "distributed checkpoints")
         self.compression_level = _check_level(compression_level, self.format.codec)
         if not self.filename.has_counter:
             warnings.warn(
@@ -193,16 +204,24 @@ class CheckpointSaver(Callback):
             overwrite=self.overwrite,
             compression_level=self.compression_level,
             key=self.state_key,
+            ranks=self.ranks,
+            best_filename=None if self.best_filename is None else self.best_filename.template,
         )
         if self._resumed_state is not None:
             self.manager.remember(self._resumed_state)
 
     def fit_start(self, state: State) -> None:
-        """Refuse colliding savers, then prepare the folder (sweep, reconcile, overwrite check)."""
+        """Refuse colliding savers and per-rank names without ``{rank}``, then prepare the folder
+        (sweep, reconcile, overwrite check). A failure on any rank is raised on every rank."""
         self._check_no_collision(state)
         self.last_checkpoint_batch = None
-        self._manager.start(state.timestamp, resumed_from=state.resumed_from)
-        dist.barrier()
+        error = None
+        try:
+            self._check_rank_in_names()
+            self._manager.start(state.timestamp, resumed_from=state.resumed_from)
+        except Exception as failure:  # noqa: BLE001 -- reported to every rank, then raised
+            error = failure
+        dist.raise_if_any_failed(error, action=f"preparing {self._manager.folder} for {self.filename.template!r}")
 
     def batch_checkpoint(self, state: State) -> None:
         """Save if the policy says so at ``BATCH_CHECKPOINT``."""
@@ -211,6 +230,10 @@ class CheckpointSaver(Callback):
     def epoch_checkpoint(self, state: State) -> None:
         """Save if the policy says so at ``EPOCH_CHECKPOINT``."""
         self._maybe_save(state, Event.EPOCH_CHECKPOINT)
+
+    def eval_end(self, state: State) -> None:
+        """Score the checkpoint saved at the evaluated step, if it was saved before the metrics existed."""
+        self._manager.update_metrics(state.metrics, state.metrics_timestamp or state.timestamp)
 
     def fit_end(self, state: State) -> None:
         """Wait until every checkpoint is durable."""
@@ -249,6 +272,20 @@ class CheckpointSaver(Callback):
         self._manager.save(state.timestamp, state)
         self._manager.wait()
 
+    def _check_rank_in_names(self) -> None:
+        """Several ranks writing under one name would overwrite each other's files."""
+        if self.ranks != "per_rank" or dist.dist_info().world_size == 1:
+            return
+        for template in (self.filename, self.latest_filename):
+            if template is not None and "rank" not in template.variables:
+                raise InvalidTemplateError(
+                    bad_value(
+                        template.argument,
+                        f"a template with '{{rank}}' when ranks='per_rank' and {dist.dist_info().world_size} ranks write",
+                        template.template,
+                    )
+                )
+
     def _check_no_collision(self, state: State) -> None:
         for other in state.callbacks:
             if other is self or not isinstance(other, CheckpointSaver) or other.manager is None:
@@ -267,6 +304,13 @@ class CheckpointSaver(Callback):
                 raise ConfigurationError(
                     f"two CheckpointSavers in {mine.folder} share latest_filename="
                     f"{self.latest_filename.template!r}: give one another latest_filename (or None)"
+                )
+            if self.best_filename and self.best_filename.template in {
+                link.template for link in (other.latest_filename, other.best_filename) if link
+            }:
+                raise ConfigurationError(
+                    f"two CheckpointSavers in {mine.folder} use the link {self.best_filename.template!r}: "
+                    "give one another best_filename"
                 )
 
 

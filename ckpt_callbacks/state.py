@@ -49,6 +49,9 @@ class State:
     seed: int = 0
     resumed_from: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    # When ``metrics`` were measured (None: unknown, taken as now). A checkpoint is scored only with
+    # metrics of its own batch: older ones describe other weights.
+    metrics_timestamp: Timestamp | None = None
 
     @property
     def dist(self) -> DistInfo:
@@ -100,7 +103,12 @@ class State:
         self.load_model(state["model"], strict=strict)
         for optimizer, optimizer_state in zip(self.optimizers, state["optimizers"]):
             optimizer.load_state_dict(optimizer_state)
-        for scheduler, scheduler_state in zip(self.schedulers, state["schedulers"]):
+        self.load_extras(state)
+
+    def load_extras(self, state: dict[str, Any]) -> None:
+        """Restore everything but the model and optimizers: schedulers, timestamp, callbacks, dataloader."""
+        _check_same_length("schedulers", state.get("schedulers", []), self.schedulers)
+        for scheduler, scheduler_state in zip(self.schedulers, state.get("schedulers", [])):
             scheduler.load_state_dict(scheduler_state)
         self.timestamp = Timestamp.from_state_dict(state["timestamp"])
         self.previous_timestamp = None

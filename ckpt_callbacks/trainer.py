@@ -3,23 +3,28 @@
 It exists so that plain PyTorch users, our tests and the demo can drive callbacks; it is not a
 framework. Per batch: ``BATCH_START``, the optimisation step, the timestamp advanced, ``BATCH_END``,
 ``BATCH_CHECKPOINT``; when the data is exhausted the epoch is rolled (in-epoch counters back to 0)
-before ``EPOCH_END`` and ``EPOCH_CHECKPOINT``.
+before ``EPOCH_END`` and ``EPOCH_CHECKPOINT``. With an ``eval_dataloader``, an evaluation due at
+``eval_interval`` runs between ``BATCH_END`` and ``BATCH_CHECKPOINT`` (or ``EPOCH_END`` and
+``EPOCH_CHECKPOINT``), fires ``EVAL_START``/``EVAL_END`` and leaves its metrics in ``state.metrics``,
+so a checkpoint saved at that step is scored with them (Composer's order).
 
 Resumption is exact: each epoch's data order comes from a shuffle seeded by ``(seed, epoch)`` (as
 ``DistributedSampler.set_epoch`` does), so a run resumed mid-epoch skips exactly the batches it had
 already trained (or restores a stateful dataloader), and with the RNG states restored it reaches
-the same weights, bit for bit on CPU, as a run that was never interrupted.
+the same weights, bit for bit on CPU, as a run that was never interrupted. Evaluation restores the
+RNG states it found, so evaluating (or not, or at another interval) never changes the training.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import random
 import time
 from datetime import timedelta
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch.utils.data import DataLoader, RandomSampler
@@ -27,9 +32,10 @@ from torch.utils.data import DataLoader, RandomSampler
 from ckpt_callbacks import dist
 from ckpt_callbacks.errors import ConfigurationError, bad_value
 from ckpt_callbacks.events import Callback, Event
+from ckpt_callbacks.intervals import create_save_policy
 from ckpt_callbacks.loader import find_resume_checkpoint, load_checkpoint
 from ckpt_callbacks.saver import CheckpointSaver
-from ckpt_callbacks.state import State
+from ckpt_callbacks.state import State, capture_rng_state, restore_rng_state
 from ckpt_callbacks.time import Time, TimeUnit
 
 __all__ = ["Trainer"]
@@ -63,6 +69,14 @@ class Trainer:
             first tensor.
         num_tokens_fn: ``num_tokens_fn(batch)``; default: 0 tokens.
         seed: seeds the RNGs and the per-epoch data order (default 0).
+        eval_dataloader: an iterable of evaluation batches; ``None`` for no evaluation.
+        eval_fn: ``eval_fn(model, batch)`` returns a dict of metrics of one batch
+            (``{'val/loss': 0.31}``; numbers or one-element tensors). Each metric is averaged over
+            the evaluation batches, weighted by their sizes (``num_samples_fn``). Runs under
+            ``torch.no_grad()`` with ``model.eval()``.
+        eval_interval: when to evaluate, like ``save_interval``: ``'1ep'`` (default), ``'500ba'``,
+            ``'0.25dur'``, ... or a callable ``(state, event) -> bool``; intervals also evaluate
+            at the end of training.
 
     Example:
         >>> trainer = Trainer(model, optimizer, loader, loss_fn=loss_fn, max_duration="2ep",
@@ -90,6 +104,9 @@ class Trainer:
         num_samples_fn: Callable[[Any], int] | None = None,
         num_tokens_fn: Callable[[Any], int] | None = None,
         seed: int | None = None,
+        eval_dataloader: Iterable[Any] | None = None,
+        eval_fn: Callable[[torch.nn.Module, Any], Mapping[str, Any]] | None = None,
+        eval_interval: str | int | Time | Callable[[State, Event], bool] = "1ep",
     ) -> None:
         duration = Time.from_input(max_duration, TimeUnit.EPOCH, argument="max_duration")
         if duration.unit not in DURATION_UNITS or duration.value <= 0:
@@ -103,6 +120,8 @@ class Trainer:
             )
         if not callable(loss_fn):
             raise ConfigurationError(bad_value("loss_fn", "a callable loss_fn(model, batch) -> loss", loss_fn))
+        _check_eval(eval_dataloader, eval_fn)
+        self.eval_interval = create_save_policy(eval_interval, argument="eval_interval")
         self.state = State(
             model=model,
             optimizers=_as_list(optimizers),
@@ -125,6 +144,9 @@ class Trainer:
         }
         self.reset_time = reset_time
         self.autoresume = autoresume
+        self.eval_dataloader = eval_dataloader
+        self.eval_fn = eval_fn
+        self._last_eval_batch: int | None = None
         self._seed_everything(self.state.seed)
         self._run_event(Event.INIT)
 
@@ -167,7 +189,7 @@ class Trainer:
         options = self.load_options
         if self.autoresume:
             savers = [cb for cb in self.state.callbacks if isinstance(cb, CheckpointSaver) and not cb.weights_only]
-            path = dist.decide(lambda: _as_str(find_resume_checkpoint([s.manager for s in savers if s.manager])))
+            path = _as_str(find_resume_checkpoint([s.manager for s in savers if s.manager]))
             if path is not None:
                 options = {"weights_only": False, "strict": True, "ignore_keys": None}
                 log.info("autoresume: resuming from %s", path)
@@ -199,6 +221,7 @@ class Trainer:
                 duration=timedelta(seconds=time.perf_counter() - started),
             )
             self._run_event(Event.BATCH_END)
+            self._maybe_evaluate(Event.BATCH_CHECKPOINT)
             self._run_event(Event.BATCH_CHECKPOINT)
             if state.max_duration_reached:
                 break
@@ -215,6 +238,7 @@ class Trainer:
         state.previous_timestamp = state.timestamp
         state.timestamp = state.timestamp.to_next_epoch()
         self._run_event(Event.EPOCH_END)
+        self._maybe_evaluate(Event.EPOCH_CHECKPOINT)
         self._run_event(Event.EPOCH_CHECKPOINT)
 
     def _train_batch(self, batch: Any) -> None:
@@ -227,6 +251,58 @@ class Trainer:
             optimizer.step()
         for scheduler in self.state.schedulers:
             scheduler.step()
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _maybe_evaluate(self, checkpoint_event: Event) -> None:
+        """Evaluate if ``eval_interval`` is due at the checkpoint event about to fire.
+
+        The interval policies answer at checkpoint events (epochs at ``EPOCH_CHECKPOINT``, the rest
+        at ``BATCH_CHECKPOINT``); the state is the same one that event will see. Rank 0 decides,
+        since wall-clock intervals differ between ranks.
+        """
+        state = self.state
+        if self.eval_fn is None or state.timestamp.batch == self._last_eval_batch:
+            return
+        if not dist.decide(lambda: bool(self.eval_interval.should_save(state, checkpoint_event))):
+            return
+        self._last_eval_batch = state.timestamp.batch
+        self._run_event(Event.EVAL_START)
+        state.metrics = self._evaluate()
+        state.metrics_timestamp = state.timestamp
+        self._run_event(Event.EVAL_END)
+
+    def _evaluate(self) -> dict[str, float]:
+        """Each metric's average over the evaluation batches of every rank, weighted by batch size."""
+        model = self.state.model
+        was_training = model.training
+        # Shuffled eval loaders and dropout draw from the global RNGs that training (and exact
+        # resume) depends on: put them back as they were.
+        rng = capture_rng_state()
+        totals: dict[str, float] = {}
+        weights: dict[str, float] = {}
+        model.eval()
+        try:
+            with torch.no_grad():
+                for batch in self.eval_dataloader:  # type: ignore[union-attr]
+                    size = float(self.num_samples_fn(batch))
+                    for name, value in _metric_items(self.eval_fn(model, batch)):  # type: ignore[misc]
+                        totals[name] = totals.get(name, 0.0) + value * size
+                        weights[name] = weights.get(name, 0.0) + size
+        finally:
+            restore_rng_state(rng)
+            model.train(was_training)
+        sums: dict[str, float] = {}
+        sizes: dict[str, float] = {}
+        for rank_totals, rank_weights in dist.all_gather_object((totals, weights)):
+            for name, value in rank_totals.items():
+                sums[name] = sums.get(name, 0.0) + value
+                sizes[name] = sizes.get(name, 0.0) + rank_weights[name]
+        if not sizes:
+            raise ConfigurationError("the eval dataloader yielded no batch (or eval_fn no metric): cannot evaluate")
+        return {name: sums[name] / sizes[name] if sizes[name] else math.nan for name in sorted(sums)}
+
+    # ------------------------------------------------------------------ data
 
     def _epoch_batches(self) -> Iterator[Any]:
         """This epoch's batches, in the order fixed by (seed, epoch), past those already trained."""
@@ -265,6 +341,30 @@ def _seed_data_order(loader: Any, seed: int, epoch: int) -> None:
         sampler.generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     if isinstance(loader, DataLoader):
         loader.generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 1)
+
+
+def _check_eval(eval_dataloader: Any, eval_fn: Any) -> None:
+    if eval_fn is not None and not callable(eval_fn):
+        raise ConfigurationError(bad_value("eval_fn", "a callable eval_fn(model, batch) -> dict of metrics", eval_fn))
+    if (eval_dataloader is None) != (eval_fn is None):
+        given, missing = ("eval_dataloader", "eval_fn") if eval_fn is None else ("eval_fn", "eval_dataloader")
+        raise ConfigurationError(f"{given} was given without {missing}: evaluation needs both (got {missing}=None)")
+    if eval_dataloader is not None and not isinstance(eval_dataloader, Iterable):
+        raise ConfigurationError(bad_value("eval_dataloader", "an iterable of batches, such as a DataLoader", eval_dataloader))
+
+
+def _metric_items(results: Any) -> list[tuple[str, float]]:
+    """``eval_fn``'s metrics of one batch as (name, float) pairs."""
+    accepted = "a callable returning a dict of metric name -> number (or one-element tensor)"
+    if not isinstance(results, Mapping):
+        raise ConfigurationError(bad_value("eval_fn", accepted, results))
+    items = []
+    for name, value in results.items():
+        try:
+            items.append((str(name), float(value)))
+        except (TypeError, ValueError, RuntimeError):
+            raise ConfigurationError(bad_value("eval_fn", accepted, results)) from None
+    return items
 
 
 def _as_list(value: Any) -> list[Any]:

@@ -1,4 +1,5 @@
-"""Tests for ckpt_callbacks.codecs: real files written by the real compression libraries and tarfile."""
+"""Tests for ckpt_callbacks.codecs and ckpt_callbacks.decoding: real files written by the real
+compression libraries and tarfile, and the stream helpers they build on."""
 
 from __future__ import annotations
 
@@ -12,22 +13,26 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import threading
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
+from ckpt_callbacks._streams import CheckedReader, ChunkedWriter, check_zstd_frames
 from ckpt_callbacks.codecs import (
     CODECS,
+    FORMATS,
     PLAIN_EXTENSIONS,
     SNIFF_BYTES,
     CheckpointFormat,
     checkpoint_format,
+    codec_named,
     get_codec,
-    open_decoded,
     sniff,
 )
+from ckpt_callbacks.decoding import open_decoded
 from ckpt_callbacks.errors import (
     CheckpointNotFoundError,
     ConfigurationError,
@@ -77,8 +82,21 @@ def test_registry_has_every_codec_keyed_by_extension() -> None:
     assert {ext: codec.name for ext, codec in CODECS.items()} == {v: k for k, v in EXTENSION_OF.items()}
     for ext, codec in CODECS.items():
         assert ext in codec.extensions
+        assert codec_named(codec.name) is codec
+        assert codec.checksummed is (ext != "lzma")
     with pytest.raises(TypeError):
         CODECS["new"] = CODECS["gz"]  # type: ignore[index]
+
+
+def test_formats_registry_covers_every_listed_extension() -> None:
+    expected = {ext: ("torch", None) for ext in PLAIN_EXTENSIONS}
+    expected.update({"tar": ("tar", None), "tgz": ("tar", "gz"), "safetensors": ("safetensors", None)})
+    for ext in EXTENSION_OF.values():
+        expected[ext] = ("torch", ext)
+        expected[f"tar.{ext}"] = ("tar", ext)
+    assert dict(FORMATS) == expected
+    with pytest.raises(TypeError):
+        FORMATS["zip"] = ("torch", None)  # type: ignore[index]
 
 
 @pytest.mark.parametrize(
@@ -143,6 +161,72 @@ def test_zstd_writer_is_one_checksummed_frame() -> None:
     params = zstandard.get_frame_parameters(raw.getvalue())
     assert params.has_checksum
     assert zstandard.ZstdDecompressor().decompressobj().decompress(raw.getvalue()) == PAYLOAD
+    raw.seek(0)
+    assert check_zstd_frames(raw) is None  # a stream of unknown length declares no content size
+
+
+@pytest.mark.parametrize("name", ["gzip", "bz2", "xz", "lz4"])
+def test_chunked_codecs_write_concatenated_members_that_their_libraries_read_as_one(name: str) -> None:
+    codec = get_codec(EXTENSION_OF[name])
+    raw = io.BytesIO()
+    # A small chunk size forces many members through the same compress function the codec uses.
+    compress = {
+        "gzip": lambda chunk: gzip.compress(chunk, mtime=0),
+        "bz2": bz2.compress,
+        "xz": lambda chunk: lzma.compress(chunk, format=lzma.FORMAT_XZ),
+        "lz4": lambda chunk: lz4_frame.compress(chunk, content_checksum=True),
+    }[name]
+    with ChunkedWriter(raw, compress, chunk_bytes=100_000, workers=2) as writer:
+        for start in range(0, len(PAYLOAD), 70_001):
+            writer.write(memoryview(PAYLOAD)[start : start + 70_001])
+    assert codec.open_reader(io.BytesIO(raw.getvalue())).read() == PAYLOAD
+    assert sniff(raw.getvalue()[:SNIFF_BYTES]) == name
+
+
+def test_chunked_writer_compresses_chunks_concurrently_and_writes_them_in_order() -> None:
+    # Both workers must be inside compress at once for the barrier to open: proof of overlap.
+    barrier = threading.Barrier(2, timeout=20)
+    threads: set[int] = set()
+
+    def compress(chunk: bytearray) -> bytes:
+        threads.add(threading.get_ident())
+        if len(threads) <= 2 and chunk[:1] in (b"a", b"b"):
+            barrier.wait()
+        return bytes(chunk)
+
+    raw = io.BytesIO()
+    with ChunkedWriter(raw, compress, chunk_bytes=4, workers=2) as writer:
+        writer.write(b"aaaabbbbccccdddde")
+    assert raw.getvalue() == b"aaaabbbbccccdddde"
+    assert len(threads) == 2
+
+
+def test_chunked_writer_writes_one_member_for_an_empty_stream_and_keeps_raw_open() -> None:
+    raw = io.BytesIO()
+    with ChunkedWriter(raw, lambda chunk: gzip.compress(chunk, mtime=0)):
+        pass
+    assert gzip.decompress(raw.getvalue()) == b""
+    assert not raw.closed
+
+
+def test_chunked_writer_bounds_chunks_in_flight() -> None:
+    in_flight, peak, lock = [0], [0], threading.Lock()
+    release = threading.Event()
+
+    def compress(chunk: bytearray) -> bytes:
+        with lock:
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+        release.wait(timeout=0.05)  # bounded: lets chunks pile up if nothing held them back
+        with lock:
+            in_flight[0] -= 1
+        return bytes(chunk)
+
+    raw = io.BytesIO()
+    with ChunkedWriter(raw, compress, chunk_bytes=10, workers=2) as writer:
+        writer.write(bytes(range(200)))
+    assert raw.getvalue() == bytes(range(200))
+    assert peak[0] <= 2
 
 
 def test_zstd_reader_reads_concatenated_frames() -> None:
@@ -160,34 +244,51 @@ def test_gzip_writer_is_reproducible_and_leaks_no_file_name(tmp_path: Path) -> N
     assert b"tmp-host" not in outputs[0]
 
 
-def test_missing_optional_packages_name_the_extra() -> None:
+def test_missing_optional_packages_name_the_extra(tmp_path: Path) -> None:
     # A real interpreter where the optional packages cannot be imported.
     script = textwrap.dedent(
         """
         import sys
         sys.modules["zstandard"] = None
         sys.modules["lz4"] = None
+        import torch
+        from ckpt_callbacks import CheckpointSaver
         from ckpt_callbacks.codecs import CODECS, checkpoint_format, get_codec
-        from ckpt_callbacks.errors import ConfigurationError, UnsupportedFormatError
+        from ckpt_callbacks.errors import UnsupportedFormatError
+        from ckpt_callbacks.serialization import read_state
         assert sorted(CODECS) == ["bz2", "gz", "lzma", "xz"], sorted(CODECS)
-        for name, extra in (("ep{epoch}.pt.zst", "zstd"), ("ep{epoch}.pt.lz4", "lz4")):
-            try:
-                checkpoint_format(name)
-            except UnsupportedFormatError:
-                raise AssertionError("a known codec is not an unsupported format")
-            except ConfigurationError as e:
-                assert f"pip install 'ckpt-callbacks[{extra}]'" in str(e), e
-                assert name in str(e), e
-            else:
-                raise AssertionError(name)
+        names = (("ep{epoch}.pt.zst", "zstd"), ("ep{epoch}.pt.lz4", "lz4"), ("ep{epoch}.tar.zst", "zstd"))
+        for name, extra in names:
+            for attempt in (lambda: checkpoint_format(name), lambda: CheckpointSaver(".", filename=name)):
+                try:
+                    attempt()
+                except UnsupportedFormatError as e:
+                    assert f"pip install 'ckpt-callbacks[{extra}]'" in str(e), e
+                    assert name in str(e), e
+                    available = str(e).split("Available now: ")[1]
+                    assert ".pt," in available and ".tar.gz" in available and ".zst" not in available, e
+                else:
+                    raise AssertionError(name)
         try:
             checkpoint_format("x.pt.lzo")
         except UnsupportedFormatError as e:
             assert ".zst" in str(e) and ".lz4" in str(e), e
+        # Reading a zstd file without zstandard names the file and the extra.
+        path = sys.argv[1]
+        open(path, "wb").write(bytes.fromhex("28b52ffd2000010000"))
+        try:
+            read_state(path)
+        except UnsupportedFormatError as e:
+            assert path in str(e) and "ckpt-callbacks[zstd]" in str(e), e
+        else:
+            raise AssertionError("read a zstd file without zstandard")
         print("ok")
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    target = str(tmp_path / "x.pt.zst")
+    result = subprocess.run(
+        [sys.executable, "-c", script, target], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
 
@@ -225,19 +326,37 @@ def test_checkpoint_format_table(template: str, codec: str | None, extension: st
     assert isinstance(fmt, CheckpointFormat)
     assert (fmt.codec.name if fmt.codec else None) == codec
     assert fmt.extension == extension
+    assert fmt.container == "torch" and not fmt.tensors_only
+    assert fmt.checksummed is (codec not in (None, "lzma"))
 
 
 @pytest.mark.parametrize(
-    "template", ["x.tar", "x.pt.tar", "x.tgz", "x.tar.gz", "x.tar.bz2", "x.tar.lzma", "ep{epoch}.tar.zst", "x.tar.lz4"]
+    ("template", "codec"),
+    [
+        ("x.tar", None),
+        ("x.pt.tar", None),  # Composer refuses this name; it is a tar
+        ("ep{epoch}-rank{rank}.tar", None),
+        ("x.tgz", "gzip"),
+        ("x.tar.gz", "gzip"),
+        ("x.tar.bz2", "bz2"),
+        ("x.tar.xz", "xz"),
+        ("x.tar.lzma", "lzma"),
+        ("ep{epoch}.tar.zst", "zstd"),
+        ("x.tar.lz4", "lz4"),
+        ("x.pt.tar.zst", "zstd"),
+    ],
 )
-def test_tar_bundles_are_not_implemented_yet(template: str) -> None:
-    with pytest.raises(NotImplementedError, match=r"tar bundles .* issue #3"):
-        checkpoint_format(template)
+def test_tar_bundle_names(template: str, codec: str | None) -> None:
+    fmt = checkpoint_format(template)
+    assert fmt.container == "tar"
+    assert (fmt.codec.name if fmt.codec else None) == codec
 
 
-def test_safetensors_is_not_implemented_yet() -> None:
-    with pytest.raises(NotImplementedError, match=r"safetensors .*issue #3"):
-        checkpoint_format("model.safetensors")
+def test_safetensors_names() -> None:
+    fmt = checkpoint_format("ep{epoch}-model.safetensors")
+    assert (fmt.container, fmt.codec, fmt.extension, fmt.tensors_only) == ("safetensors", None, ".safetensors", True)
+    with pytest.raises(UnsupportedFormatError, match="'filename' must be"):
+        checkpoint_format("model.safetensors.zst")
 
 
 def test_symlink_names_are_refused() -> None:
@@ -245,15 +364,22 @@ def test_symlink_names_are_refused() -> None:
         checkpoint_format("latest.pt.symlink", argument="latest_filename")
 
 
-@pytest.mark.parametrize("template", ["ep{epoch}.pt.lzo", "x.zip", "x.foo", "x.pt.foo", "x.tar.foo", "x."])
+@pytest.mark.parametrize("template", ["ep{epoch}.pt.lzo", "x.zip", "x.foo", "x.pt.foo", "x.tar.foo", "x.", "x.tar.tar.gz.lzo"])
 def test_unknown_extensions_are_refused_listing_every_accepted_one(template: str) -> None:
     with pytest.raises(UnsupportedFormatError) as info:
         checkpoint_format(template, argument="remote_file_name")
     message = str(info.value)
     assert message.startswith("'remote_file_name' must be")
     assert f"(got {template!r})" in message
-    for extension in (*PLAIN_EXTENSIONS, *EXTENSION_OF.values()):
+    for extension in (*PLAIN_EXTENSIONS, *EXTENSION_OF.values(), "tar", "tgz", "safetensors"):
         assert f".{extension}" in message
+
+
+@pytest.mark.parametrize("extension", ["gz", "bz2", "xz", "lzma"])
+def test_get_codec_refuses_unknown_extensions(extension: str) -> None:
+    assert get_codec(extension).extensions == (extension,)
+    with pytest.raises(UnsupportedFormatError, match=r"'extension' must be a compression extension: .*\(got 'lzo'\)"):
+        get_codec("lzo")
 
 
 def test_non_str_template_is_refused() -> None:
@@ -312,6 +438,13 @@ def test_sniff_is_strict_about_lzma_alone() -> None:
     assert sniff(three_halves) == "lzma"
 
 
+def test_sniff_safetensors() -> None:
+    header = b'{"__metadata__":{"format":"pt"}}  '
+    assert sniff(len(header).to_bytes(8, "little") + header) == "safetensors"
+    assert sniff((2**40).to_bytes(8, "little") + header) is None  # an absurd header length
+    assert sniff(len(header).to_bytes(8, "little") + b"[1,2]") is None
+
+
 def test_sniff_does_not_match_random_data() -> None:
     rng = random.Random(1234)
     assert [sniff(rng.randbytes(SNIFF_BYTES)) for _ in range(5000)].count(None) == 5000
@@ -319,53 +452,81 @@ def test_sniff_does_not_match_random_data() -> None:
 
 # --- open_decoded ----------------------------------------------------------------------------
 
+TORCH_BYTES = _torch_bytes()
+
 
 @pytest.mark.parametrize("name", CODEC_NAMES)
-def test_open_decoded_yields_seekable_decoded_bytes(name: str, tmp_path: Path) -> None:
+def test_open_decoded_streams_decoded_bytes_whatever_the_name(name: str, tmp_path: Path) -> None:
     # The name lies on purpose: readers go by magic bytes only.
     path = tmp_path / "misnamed.pt"
-    path.write_bytes(_compress(name, PAYLOAD))
-    with open_decoded(path) as f:
-        assert f.seekable()
-        assert f.read() == PAYLOAD
-        f.seek(10)
-        assert f.read(5) == PAYLOAD[10:15]
+    path.write_bytes(_compress(name, TORCH_BYTES))
+    with open_decoded(path) as decoded:
+        assert (decoded.codec.name, decoded.kind, decoded.path) == (name, "zip", path)
+        assert decoded.stream.read() == TORCH_BYTES
 
 
-def test_open_decoded_yields_a_plain_torch_file_itself(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_open_decoded_yields_an_uncompressed_file_itself(kind: str, tmp_path: Path) -> None:
     path = tmp_path / "x.pt.zst"  # misnamed the other way round
-    path.write_bytes(_torch_bytes())
-    with open_decoded(path) as f:
-        assert getattr(f, "name", None) == str(path)
-        assert torch.load(f, weights_only=True)["w"].sum().item() == sum(range(1000))
-    assert f.closed
+    if kind == "zip":
+        path.write_bytes(TORCH_BYTES)
+    else:
+        member = tmp_path / "checkpoint.pt"
+        member.write_bytes(TORCH_BYTES)
+        with tarfile.open(path, "w") as tar:
+            tar.add(member, arcname="checkpoint.pt")
+    with open_decoded(path) as decoded:
+        assert (decoded.codec, decoded.kind) == (None, kind)
+        assert getattr(decoded.stream, "name", None) == str(path)
+        assert decoded.stream.seekable()
+    assert decoded.stream.closed
+
+
+@pytest.mark.parametrize("mode", ["w:gz", "w:bz2", "w:xz"])
+def test_open_decoded_sees_the_tar_inside_a_compressed_file(mode: str, tmp_path: Path) -> None:
+    member = tmp_path / "checkpoint.pt"
+    member.write_bytes(TORCH_BYTES)
+    path = tmp_path / "bundle.bin"
+    with tarfile.open(path, mode) as tar:
+        tar.add(member, arcname="checkpoint.pt")
+    with open_decoded(path) as decoded:
+        assert decoded.kind == "tar" and decoded.codec is not None
+        with tarfile.open(fileobj=decoded.stream, mode="r|") as tar:
+            assert [m.name for m in tar] == ["checkpoint.pt"]
 
 
 @pytest.mark.parametrize("name", CODEC_NAMES)
-def test_open_decoded_truncated_streams_are_corrupt(name: str, tmp_path: Path) -> None:
-    blob = _compress(name, PAYLOAD)
+def test_open_decoded_truncated_streams_are_corrupt_at_every_cut(name: str, tmp_path: Path) -> None:
+    blob = _compress(name, TORCH_BYTES + PAYLOAD)
     path = tmp_path / "cut"
-    # Keep enough of the header that the file is still recognised as this codec.
-    for cut in (len(blob) - 1, len(blob) - 4, len(blob) // 2, 40):
+    # Every cut in the last 40 bytes (trailers, checksums, end marks) and 40 spread over the body;
+    # each keeps enough of the header that the file is still recognised as this codec.
+    cuts = sorted({*range(len(blob) - 40, len(blob)), *range(40, len(blob), max(1, len(blob) // 40))})
+    for cut in cuts:
         path.write_bytes(blob[:cut])
         with pytest.raises(CorruptCheckpointError, match=rf"{path} is corrupt: its {name} stream") as info:
-            with open_decoded(path) as f:
-                f.read()
-        assert info.value.__cause__ is not None
+            with open_decoded(path) as decoded:
+                decoded.stream.read()
+        assert info.value.__cause__ is not None, cut
 
 
 @pytest.mark.parametrize("name", ["gzip", "bz2", "xz", "zstd", "lz4"])
-def test_open_decoded_flipped_bit_in_checksummed_stream_is_corrupt(name: str, tmp_path: Path) -> None:
+def test_open_decoded_flipped_bits_in_checksummed_streams_are_corrupt(name: str, tmp_path: Path) -> None:
     raw = io.BytesIO()
     with get_codec(EXTENSION_OF[name]).open_writer(raw) as writer:
-        writer.write(PAYLOAD)
-    blob = bytearray(raw.getvalue())
-    blob[len(blob) // 3] ^= 0x10
+        writer.write(TORCH_BYTES + PAYLOAD)
+    good = raw.getvalue()
     path = tmp_path / "flipped"
-    path.write_bytes(bytes(blob))
-    with pytest.raises(CorruptCheckpointError, match=str(path)):
-        with open_decoded(path):
-            pass
+    # Past the stream header (whose metadata fields, such as gzip's mtime, no checksum covers) and
+    # before bz2's final byte (whose low bits are padding).
+    for offset in range(24, len(good) - 1, max(1, len(good) // 25)):
+        for bit in (0x01, 0x80):
+            blob = bytearray(good)
+            blob[offset] ^= bit
+            path.write_bytes(bytes(blob))
+            with pytest.raises(CorruptCheckpointError, match=str(path)):
+                with open_decoded(path) as decoded:
+                    decoded.stream.read()
 
 
 def test_open_decoded_missing_file(tmp_path: Path) -> None:
@@ -394,48 +555,69 @@ def test_open_decoded_unknown_format(content: bytes, detail: str, tmp_path: Path
     assert detail in str(info.value)
 
 
-def test_open_decoded_tar_bundles_are_not_implemented_yet(tmp_path: Path) -> None:
-    member = tmp_path / "checkpoint.pt"
-    member.write_bytes(_torch_bytes())
-    for name, mode in (("x.tar", "w"), ("x.tar.gz", "w:gz")):
-        with tarfile.open(tmp_path / name, mode) as tar:
-            tar.add(member, arcname="checkpoint.pt")
-        with pytest.raises(NotImplementedError, match="issue #3"):
-            with open_decoded(tmp_path / name):
-                pass
+@pytest.mark.parametrize("name", CODEC_NAMES)
+def test_open_decoded_unknown_format_inside_a_codec(name: str, tmp_path: Path) -> None:
+    path = tmp_path / "x.pt.gz"
+    path.write_bytes(_compress(name, b"just some text, not a checkpoint"))
+    with pytest.raises(CorruptCheckpointError, match=rf"its {name} stream holds an unknown format \(first bytes b'just"):
+        with open_decoded(path):
+            pass
 
 
-def _open_files_under(folder: Path) -> list[str]:
-    found = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith(str(folder)):
-            found.append(target)
-    return found
+# --- the zstd frame check --------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux /proc to see open files")
-def test_open_decoded_spills_next_to_the_checkpoint(tmp_path: Path) -> None:
-    # Above the in-memory bound the decoded bytes go to an unlinked temp file in the same folder.
-    big = random.Random(5).randbytes(1024) * (65 * 1024)  # 65 MiB, compresses to almost nothing
-    path = tmp_path / "big.pt.zst"
-    path.write_bytes(zstandard.ZstdCompressor(level=1).compress(big))
-    with open_decoded(path) as f:
-        spilled = [name for name in _open_files_under(tmp_path) if not name.endswith("big.pt.zst")]
-        assert len(spilled) == 1 and "(deleted)" in spilled[0]
-        f.seek(len(big) - 1024)
-        assert f.read() == big[-1024:]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.pt.zst"]
-    assert _open_files_under(tmp_path) == []
+def _frame(data: bytes, **kwargs: object) -> bytes:
+    return zstandard.ZstdCompressor(write_checksum=True, **kwargs).compress(data)
 
 
-def test_open_decoded_small_files_stay_in_memory(tmp_path: Path) -> None:
-    path = tmp_path / "small.pt.gz"
-    path.write_bytes(gzip.compress(PAYLOAD))
-    with open_decoded(path) as f:
-        assert f.read() == PAYLOAD
-        if Path("/proc/self/fd").is_dir():
-            assert [n for n in _open_files_under(tmp_path) if not n.endswith("small.pt.gz")] == []
+def test_check_zstd_frames_returns_declared_sizes_and_accepts_skippable_frames() -> None:
+    skippable = (0x184D2A53).to_bytes(4, "little") + (5).to_bytes(4, "little") + b"12345"
+    blob = _frame(PAYLOAD) + skippable + _frame(b"tail")
+    assert check_zstd_frames(io.BytesIO(blob)) == len(PAYLOAD) + 4
+    assert get_codec("zst").open_reader(io.BytesIO(blob)).read() == PAYLOAD + b"tail"
+
+
+def test_check_zstd_frames_refuses_a_cut_exactly_at_the_checksum() -> None:
+    blob = _frame(PAYLOAD)
+    # zstandard's own reader accepts this stream as complete...
+    reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(blob[:-4]), read_across_frames=True)
+    assert reader.read() == PAYLOAD
+    # ...the frame walk does not.
+    with pytest.raises(EOFError, match="frame checksum"):
+        check_zstd_frames(io.BytesIO(blob[:-4]))
+
+
+@pytest.mark.parametrize(
+    ("tail", "error", "message"),
+    [
+        (b"garbage!", ValueError, "not a zstd frame"),
+        (b"\x28\xb5\x2f\xfd\x28", ValueError, "reserved bit"),
+        (b"\x28\xb5", EOFError, "frame magic"),
+    ],
+)
+def test_check_zstd_frames_refuses_what_follows_a_frame(tail: bytes, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        check_zstd_frames(io.BytesIO(_frame(b"x" * 100) + tail))
+
+
+def test_zstd_decoded_length_must_match_the_declared_content_size(tmp_path: Path) -> None:
+    blob = bytearray(_frame(b"y" * 1000))
+    params = zstandard.get_frame_parameters(bytes(blob))
+    assert params.content_size == 1000
+    # The single-segment header stores the size in 2 bytes (minus 256) after the descriptor.
+    assert blob[4] & 0x20 and blob[4] >> 6 == 1
+    blob[5:7] = (999 - 256).to_bytes(2, "little")
+    path = tmp_path / "x.pt.zst"
+    path.write_bytes(bytes(blob))
+    with pytest.raises(CorruptCheckpointError, match="zstd stream does not decode"):
+        with open_decoded(path) as decoded:
+            decoded.stream.read()
+
+
+def test_checked_reader_counts_bytes() -> None:
+    assert CheckedReader(io.BytesIO(b"abc"), 3).read() == b"abc"
+    with pytest.raises(EOFError, match="decoded 2 bytes where the headers declare 3"):
+        CheckedReader(io.BytesIO(b"ab"), 3).read()
+    with pytest.raises(EOFError, match="more than the 3 bytes"):
+        CheckedReader(io.BytesIO(b"abcd"), 3).read()

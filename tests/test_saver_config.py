@@ -61,8 +61,6 @@ def test_bad_arguments_are_refused_at_construction(tmp_path: Path, kwargs, error
         ({"remote": "s3://bucket/prefix"}, "#4"),
         ({"folder": "s3://bucket/prefix"}, "#4"),
         ({"save_mode": "async"}, "#6"),
-        ({"ranks": "per_rank"}, "#5"),
-        ({"ranks": "sharded"}, "#5"),
     ],
 )
 def test_features_of_later_issues_name_their_issue(kwargs, issue: str) -> None:

@@ -1,10 +1,13 @@
-"""Tests for ckpt_callbacks.serialization: real torch state dicts, real files in tmp_path, real codecs."""
+"""Tests for ckpt_callbacks.serialization: real torch state dicts, real files in tmp_path, real codecs,
+real tar bundles and safetensors files."""
 
 from __future__ import annotations
 
 import collections
 import datetime
+import io
 import os
+import tarfile
 import threading
 import zipfile
 from pathlib import Path
@@ -14,6 +17,7 @@ import pytest
 import torch
 
 from ckpt_callbacks.codecs import CODECS, checkpoint_format
+from ckpt_callbacks.decoding import open_decoded
 from ckpt_callbacks.errors import CheckpointNotFoundError, ConfigurationError, CorruptCheckpointError
 from ckpt_callbacks.serialization import (
     SAFE_GLOBALS,
@@ -25,7 +29,9 @@ from ckpt_callbacks.serialization import (
     write_state,
 )
 
-NAMES = ["ep1-ba4-rank0.pt", "ep1-ba4-rank0", *(f"ep1-ba4-rank0.pt.{ext}" for ext in CODECS)]
+CODEC_NAMES = [f"ep1-ba4-rank0.pt.{ext}" for ext in CODECS]
+TAR_NAMES = ["x.tar", "x.pt.tar", "x.tgz", *(f"x.tar.{ext}" for ext in CODECS)]
+NAMES = ["ep1-ba4-rank0.pt", "ep1-ba4-rank0", *CODEC_NAMES, *TAR_NAMES]
 
 
 def _checkpoint() -> dict[str, Any]:
@@ -71,6 +77,12 @@ def _save(path: Path, obj: Any = None, level: int | None = None) -> Path:
     return path
 
 
+def _weights() -> dict[str, Any]:
+    """A weights-only checkpoint, the layout a .safetensors file takes."""
+    checkpoint = _checkpoint()
+    return {"state": {"model": checkpoint["state"]["model"], "metadata": checkpoint["state"]["metadata"]}}
+
+
 def test_constants() -> None:
     assert SCHEMA_VERSION == 1
     assert SAFE_GLOBALS == (datetime.timedelta, torch.torch_version.TorchVersion)
@@ -97,7 +109,7 @@ def test_compressed_files_shrink_zero_tensors(ext: str, tmp_path: Path) -> None:
     assert torch.equal(read_state(packed)["state"]["model"]["w"], torch.zeros(200_000))
 
 
-@pytest.mark.parametrize("name", ["x.pt", "x.pt.gz", "x.pt.zst"])
+@pytest.mark.parametrize("name", ["x.pt", "x.pt.gz", "x.pt.zst", "x.tar", "x.tar.zst"])
 def test_write_state_streams_into_a_pipe(name: str, tmp_path: Path) -> None:
     # A pipe cannot seek: torch.save and the codec writers must stream front to back.
     read_fd, write_fd = os.pipe()
@@ -116,7 +128,12 @@ def test_write_state_streams_into_a_pipe(name: str, tmp_path: Path) -> None:
     reader.join(timeout=30)
     assert not reader.is_alive()
     fmt = checkpoint_format(name)
-    assert bytes(received).startswith(fmt.codec.magic if fmt.codec else b"PK\x03\x04")
+    if fmt.codec is not None:
+        assert bytes(received).startswith(fmt.codec.magic)
+    elif fmt.container == "tar":
+        assert bytes(received)[257:262] == b"ustar"
+    else:
+        assert bytes(received).startswith(b"PK\x03\x04")
     path = tmp_path / name
     path.write_bytes(bytes(received))
     _assert_same(read_state(path), _checkpoint())
@@ -157,19 +174,207 @@ def test_concurrent_reads_keep_the_allowlist(tmp_path: Path) -> None:
     assert errors == []
 
 
+# --- torch's CRC-32 switch ----------------------------------------------------------------------
+
+
+def _zip_crcs(path: Path) -> list[int]:
+    """The CRC-32 each zip member of the torch.save payload inside ``path`` records."""
+    with open_decoded(path) as decoded:
+        if decoded.kind == "tar":
+            with tarfile.open(fileobj=decoded.stream, mode="r|") as tar:
+                member = next(iter(tar))
+                data = tar.extractfile(member).read()  # type: ignore[union-attr]
+        else:
+            data = decoded.stream.read()
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        return [info.CRC for info in archive.infolist() if info.file_size]
+
+
+@pytest.mark.parametrize("name", ["x.pt", *CODEC_NAMES, *TAR_NAMES])
+def test_crc32s_are_written_only_where_no_codec_checksum_covers_them(name: str, tmp_path: Path) -> None:
+    path = _save(tmp_path / name)
+    fmt = checkpoint_format(name)
+    crcs = _zip_crcs(path)
+    if fmt.checksummed:
+        assert set(crcs) == {0}
+    else:  # plain .pt, plain .tar and LZMA-alone keep them
+        assert 0 not in crcs
+    assert torch.serialization.get_crc32_options() is True
+    verify_file(path)
+
+
+def test_the_crc32_switch_is_restored_to_what_the_user_chose(tmp_path: Path) -> None:
+    torch.serialization.set_crc32_options(False)
+    try:
+        plain = _save(tmp_path / "x.pt")
+        assert torch.serialization.get_crc32_options() is False
+        _save(tmp_path / "x.pt.zst")
+        assert torch.serialization.get_crc32_options() is False
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert 0 not in _zip_crcs(plain)  # a plain .pt keeps its CRCs even then
+
+
+def test_concurrent_saves_keep_the_crc32s_of_plain_files(tmp_path: Path) -> None:
+    errors: list[BaseException] = []
+
+    def save(name: str) -> None:
+        try:
+            for round_ in range(6):
+                _save(tmp_path / f"{round_}-{name}")
+        except BaseException as e:  # collected for the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=save, args=(name,)) for name in ("x.pt", "x.pt.zst", "x.tar.gz", "x.tar")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == [] and not any(thread.is_alive() for thread in threads)
+    for round_ in range(6):
+        assert 0 not in _zip_crcs(tmp_path / f"{round_}-x.pt")
+        assert 0 not in _zip_crcs(tmp_path / f"{round_}-x.tar")
+        assert set(_zip_crcs(tmp_path / f"{round_}-x.pt.zst")) == {0}
+
+
+def test_verify_file_accepts_a_plain_file_decompressed_from_a_checksummed_one(tmp_path: Path) -> None:
+    # What `zstd -d x.pt.zst` gives: a torch.save zip whose members record no CRC.
+    packed = _save(tmp_path / "x.pt.zst")
+    with open_decoded(packed) as decoded:
+        (tmp_path / "x.pt").write_bytes(decoded.stream.read())
+    verify_file(tmp_path / "x.pt")
+    _assert_same(read_state(tmp_path / "x.pt"), _checkpoint())
+
+
+# --- loading: temp files and memory maps ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["x.pt", "x.pt.zst", "x.tar.gz", "x.tar"])
+def test_loaded_tensors_outlive_the_file_and_no_temp_file_is_left(name: str, tmp_path: Path) -> None:
+    path = _save(tmp_path / name)
+    loaded = read_state(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+    path.unlink()  # memory-mapped tensors keep their pages after the file is gone
+    _assert_same(loaded, _checkpoint())
+
+
+def test_a_large_tar_member_is_staged_on_disk_and_cleaned_up(tmp_path: Path) -> None:
+    # Above 64 MiB the member is staged in an unnamed temp file in the destination folder.
+    obj = {"state": {"model": {"w": torch.zeros(17 * 2**20)}}}
+    path = _save(tmp_path / "big.tar.zst", obj)
+    assert path.stat().st_size < 2**20
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.tar.zst"]
+    assert torch.equal(read_state(path)["state"]["model"]["w"], obj["state"]["model"]["w"])
+
+
+def test_tar_level_is_checked_before_anything_is_serialized(tmp_path: Path) -> None:
+    with open(tmp_path / "x.tar.gz", "wb") as raw:
+        with pytest.raises(ConfigurationError, match="'compression_level' must be an int from 0 to 9"):
+            write_state({"state": {}}, raw, checkpoint_format("x.tar.gz"), 11)
+        assert raw.tell() == 0
+        with pytest.raises(ConfigurationError, match="'compression_level' must be None"):
+            write_state({"state": {}}, raw, checkpoint_format("x.tar"), 1)
+
+
+# --- tar bundles and safetensors -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("mode", "name"), [("w:xz", "composer.tar.lzma"), ("w", "composer.tar"), ("w:gz", "x.bin")])
+def test_composer_tar_checkpoints_load(mode: str, name: str, tmp_path: Path) -> None:
+    # Composer writes a root folder entry and composer_states.pt, and `.tar.lzma` as an xz container.
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    torch.save(_checkpoint(), staging / "composer_states.pt")
+    with tarfile.open(tmp_path / name, mode) as tar:
+        tar.add(staging, arcname="")
+    _assert_same(read_state(tmp_path / name), _checkpoint())
+    verify_file(tmp_path / name)
+
+
+def test_a_tar_without_a_checkpoint_member_is_corrupt(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    with tarfile.open(tmp_path / "x.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "config.json", arcname="config.json")
+    for check in (read_state, verify_file):
+        with pytest.raises(CorruptCheckpointError, match=r"a tar without a checkpoint member .*'config.json'"):
+            check(tmp_path / "x.tar.gz")
+
+
+def test_safetensors_round_trip_keeps_metadata_and_order(tmp_path: Path) -> None:
+    obj = _weights()
+    path = _save(tmp_path / "model.safetensors", obj)
+    loaded = read_state(path)
+    assert list(loaded["state"]) == ["model", "metadata"]
+    assert list(loaded["state"]["model"]) == list(obj["state"]["model"])
+    for key, tensor in obj["state"]["model"].items():
+        assert torch.equal(loaded["state"]["model"][key], tensor)
+    assert loaded["state"]["metadata"] == {**obj["state"]["metadata"], "torch_version": str(torch.__version__)}
+    verify_file(path)
+
+
+@pytest.mark.parametrize(
+    ("obj", "shown"),
+    [
+        (lambda: _checkpoint(), "keys ['rng', 'optimizers', 'run_name', 'timestamp']"),
+        (lambda: {"state": {"model": {"w": torch.ones(1)}, "step": 3}}, "keys ['step']"),
+        (lambda: {"state": [1]}, "list"),
+    ],
+)
+def test_safetensors_refuses_anything_but_weights(obj: Any, shown: str, tmp_path: Path) -> None:
+    with open(tmp_path / "x.safetensors", "wb") as raw:
+        with pytest.raises(ConfigurationError, match=r"'obj' must be a weights-only checkpoint") as info:
+            write_state(obj(), raw, checkpoint_format("x.safetensors"))
+    assert shown in str(info.value)
+
+
 # --- damaged files ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["x.pt", "x.pt.gz", "x.pt.zst", "x.pt.lz4", "x.pt.xz"])
-def test_truncated_files_are_corrupt(name: str, tmp_path: Path) -> None:
-    good = _save(tmp_path / f"good-{name}").read_bytes()
+@pytest.mark.parametrize("name", ["x.pt", *CODEC_NAMES, *TAR_NAMES, "x.safetensors"])
+def test_truncated_files_are_corrupt_at_many_cuts(name: str, tmp_path: Path) -> None:
+    obj = _weights() if name.endswith(".safetensors") else None
+    good = _save(tmp_path / f"good-{name}", obj).read_bytes()
     path = tmp_path / name
-    for cut in (len(good) - 1, len(good) - 22, len(good) * 3 // 4, len(good) // 2, 100, 4):
+    cuts = {*range(len(good) - 24, len(good)), *range(4, len(good), max(1, len(good) // 16))}
+    if name in ("x.tar", "x.pt.tar"):
+        # An uncompressed tar cut after its member's last byte (in the padding or the end-of-archive
+        # blocks) still holds the whole, CRC-checked member, so it loads.
+        cuts = {cut for cut in cuts if cut < len(good) - 2 * 1024} | {len(good) - 2048 - 1}
+    for cut in sorted(cuts):
         path.write_bytes(good[:cut])
         for check in (read_state, verify_file):
-            with pytest.raises(CorruptCheckpointError, match=str(path)) as info:
+            with pytest.raises(CorruptCheckpointError, match=str(path)):
                 check(path)
-            assert info.value.__cause__ is not None or "not a checkpoint" in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"good-{name}", name])  # no temp files left
+
+
+@pytest.mark.parametrize("name", ["x.pt", *CODEC_NAMES, *TAR_NAMES, "x.safetensors"])
+def test_single_bit_flips_never_load_silently_wrong(name: str, tmp_path: Path) -> None:
+    obj = _weights() if name.endswith(".safetensors") else _checkpoint()
+    good = _save(tmp_path / f"good-{name}", obj).read_bytes()
+    path = tmp_path / name
+    # Flips spread over the file: verify_file must refuse the file, or else the file must still
+    # hold exactly what was saved (a flip in a header's time field or in padding; or in an lz4
+    # match offset inside a run of zeros, which decodes to the same bytes).
+    caught = 0
+    offsets = range(64, len(good) - 1, max(1, len(good) // 24))
+    for offset in offsets:
+        blob = bytearray(good)
+        blob[offset] ^= 0x08
+        path.write_bytes(bytes(blob))
+        try:
+            verify_file(path)
+        except CorruptCheckpointError as e:
+            assert str(path) in str(e)
+            caught += 1
+        else:
+            loaded = read_state(path)
+            if name.endswith(".safetensors"):  # tensors come back as a plain dict in file order
+                loaded["state"]["model"] = collections.OrderedDict(
+                    (key, loaded["state"]["model"][key]) for key in obj["state"]["model"]
+                )
+            _assert_same(loaded, obj)
+    assert caught >= len(offsets) * 3 // 4
 
 
 @pytest.mark.parametrize(

@@ -1,3 +1,6 @@
 """Object stores behind one small interface, and the uploader pool."""
 
-__all__: list[str] = []
+from ckpt_callbacks.remote.base import ObjectInfo, RemoteStore
+from ckpt_callbacks.remote.factory import open_store
+
+__all__ = ["ObjectInfo", "RemoteStore", "open_store"]

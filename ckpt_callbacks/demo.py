@@ -1,0 +1,140 @@
+"""``ckpt-callbacks demo``: two savers, a run stopped mid-epoch, and a second run that resumes.
+
+It trains a small MLP on a regression task with a real signal, with weights-only exports every
+epoch and the full training state every 4 batches (the newest 2 kept), stops after 25 batches as
+if the job had been killed, then starts again with the same ``run_name`` and ``autoresume=True``
+and trains to 4 epochs, printing what was saved and where training resumed. It doubles as an
+end-to-end check of an installation: it exits non-zero if the second run did not continue from
+the saved step.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from ckpt_callbacks.events import Callback
+from ckpt_callbacks.saver import CheckpointSaver
+from ckpt_callbacks.state import State
+from ckpt_callbacks.time import Timestamp
+from ckpt_callbacks.trainer import Trainer
+
+__all__ = ["run_demo"]
+
+
+def _demo_data() -> DataLoader:
+    """A regression task with a real signal: y = sin(x0) + x1 * x2, plus a little noise."""
+    generator = torch.Generator().manual_seed(1234)
+    inputs = torch.randn(640, 8, generator=generator)
+    targets = (torch.sin(inputs[:, 0]) + inputs[:, 1] * inputs[:, 2]).unsqueeze(1)
+    targets += 0.01 * torch.randn(targets.shape, generator=generator)
+    return DataLoader(TensorDataset(inputs, targets), batch_size=64, shuffle=True)
+
+
+class _FitStart(Callback):
+    """Remembers the timestamp training started from (after any resume)."""
+
+    timestamp: Timestamp | None = None
+
+    def fit_start(self, state: State) -> None:
+        self.timestamp = state.timestamp
+
+
+def _demo_trainer(
+    folder: Path, max_duration: str
+) -> tuple[Trainer, CheckpointSaver, CheckpointSaver, list[float], _FitStart]:
+    model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses: list[float] = []
+
+    def loss_fn(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        inputs, targets = batch
+        loss = torch.nn.functional.mse_loss(model(inputs), targets)
+        losses.append(loss.item())
+        return loss
+
+    exports = CheckpointSaver(
+        folder=str(folder / "{run_name}" / "exports"), filename="ep{epoch}-ba{batch}.pt",
+        latest_filename="latest-export.pt", save_interval="1ep", weights_only=True,
+    )
+    full = CheckpointSaver(
+        folder=str(folder / "{run_name}" / "checkpoints"), filename="ep{epoch}-ba{batch}-rank{rank}.pt.gz",
+        save_interval="4ba", num_checkpoints_to_keep=2,
+    )
+    start = _FitStart()
+    trainer = Trainer(
+        model, optimizer, _demo_data(), loss_fn=loss_fn, max_duration=max_duration, run_name="demo-run",
+        callbacks=[exports, full, start], autoresume=True, seed=7,
+    )
+    return trainer, exports, full, losses, start
+
+
+def run_demo(folder: Path | None = None) -> int:
+    """Run the demo, printing to stdout; return the exit code (0: the resumed run continued exactly).
+
+    Args:
+        folder: Where to write; None for a temporary folder, removed afterwards.
+
+    Example:
+        >>> run_demo(Path("demo-output"))  # doctest: +SKIP
+        0
+    """
+    started = time.perf_counter()
+    target = folder or Path(tempfile.mkdtemp(prefix="ckpt-callbacks-demo-"))
+    try:
+        print(f"Writing to {target}\n")
+        print("Run 1: train for 25 batches (10 batches per epoch), as if the job were stopped mid-epoch.")
+        trainer, exports, full, losses, _ = _demo_trainer(target, "25ba")
+        trainer.fit()
+        first = trainer.state.timestamp
+        _table(
+            ["saver", "kept on disk"],
+            [["weights-only, every epoch", ", ".join(Path(p).name for p in exports.saved_checkpoints)],
+             ["full state, every 4 batches, keep 2", ", ".join(Path(p).name for p in full.saved_checkpoints)]],
+        )
+        print(f"  stopped at {_when(first)}; loss first / last {losses[0]:.4f} / {losses[-1]:.4f}\n")
+
+        print("Run 2: same run_name, autoresume=True, train to 4 epochs.")
+        trainer, exports, full, losses, start = _demo_trainer(target, "4ep")
+        trainer.fit()
+        resumed = Path(trainer.state.resumed_from or "nothing").name
+        last = trainer.state.timestamp
+        _table(
+            ["", "value"],
+            [["resumed from", resumed],
+             ["training resumed at", _when(start.timestamp)],
+             ["finished at", _when(last)],
+             ["batches trained in run 2", str(len(losses))],
+             ["loss first / last", f"{losses[0]:.4f} / {losses[-1]:.4f}"],
+             ["full checkpoints kept", ", ".join(Path(p).name for p in full.saved_checkpoints)],
+             ["weights-only exports", ", ".join(Path(p).name for p in exports.saved_checkpoints)]],
+        )
+        if start.timestamp != first or len(losses) != last.batch - first.batch or not math.isfinite(losses[-1]):
+            print("the resumed run did not continue from the saved step", file=sys.stderr)
+            return 1
+        print(f"\nDone in {time.perf_counter() - started:.1f} s.")
+        if folder is not None:
+            print(f"See what was saved with: ckpt-callbacks ls {target / 'demo-run'}")
+        return 0
+    finally:
+        if folder is None:
+            shutil.rmtree(target, ignore_errors=True)
+
+
+def _when(timestamp: Timestamp | None) -> str:
+    if timestamp is None:
+        return "the start"
+    return f"epoch {timestamp.epoch}, batch {timestamp.batch} ({timestamp.batch_in_epoch} into the epoch)"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, ["-" * w for w in widths], *rows]:
+        print("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)))

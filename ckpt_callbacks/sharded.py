@@ -1,0 +1,225 @@
+"""Sharded checkpoints: a folder written by ``torch.distributed.checkpoint`` (DCP), for FSDP2 and
+other DTensor-sharded models (``ranks='sharded'``).
+
+One checkpoint folder holds::
+
+    .metadata             DCP's index of every shard, written last by DCP's coordinator
+    __<rank>_0.distcp     each rank's shards of the model and optimizer states
+    extras.pt             what is not sharded: timestamp, schedulers, callbacks, every rank's RNG
+                          states, run name and metadata (written by rank 0 with torch.save)
+    ckpt_callbacks.json   the metadata as JSON, so the saver's record can adopt the folder
+
+Commit: every rank writes into one temp folder (named by rank 0 and broadcast) next to the final
+name; DCP's writer fsyncs every file; after DCP's collective finish step, rank 0 adds the extras,
+fsyncs the folder and renames it onto its final name. A crash leaves either no folder under the
+final name or a complete one. Loading goes through DCP, which reshards: a checkpoint saved by 4
+ranks loads on 2, or on 1 without a process group.
+
+DCP's collectives run on the checkpoint process group (:func:`ckpt_callbacks.dist.checkpoint_group`),
+never on the training group. Weights-only exports of a sharded model are one consolidated file,
+gathered one tensor at a time into file-backed memory (:func:`consolidated_model_state`), so no
+rank ever holds the whole model in RAM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
+
+from ckpt_callbacks import dist
+from ckpt_callbacks.errors import CorruptCheckpointError
+from ckpt_callbacks.record import FOLDER_METADATA
+from ckpt_callbacks.serialization import read_state, verify_file
+from ckpt_callbacks.state import State
+from ckpt_callbacks.storage import fsync_dir, makedirs_durable, remove_checkpoint, temp_path_for
+
+__all__ = [
+    "EXTRAS",
+    "consolidated_model_state",
+    "is_sharded_checkpoint",
+    "load_sharded",
+    "verify_sharded",
+    "write_sharded",
+    "write_sharded_checkpoint",
+]
+
+EXTRAS = "extras.pt"
+"""The file of a sharded checkpoint that holds everything that is not a sharded tensor."""
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a folder written by DCP (it has a ``.metadata`` index).
+
+    Example:
+        >>> is_sharded_checkpoint(Path("runs/exp1/checkpoints/ep1-ba100"))  # doctest: +SKIP
+        True
+    """
+    return path.is_dir() and (path / ".metadata").is_file()
+
+
+def _tensor_state(state: State) -> dict[str, Any]:
+    return {
+        "model": get_model_state_dict(state.model),
+        "optimizers": [get_optimizer_state_dict(state.model, optimizer) for optimizer in state.optimizers],
+    }
+
+
+def write_sharded_checkpoint(
+    path: Path,
+    state: State,
+    checkpoint: dict[str, Any] | None,
+    weights_only: bool,
+    write_file: Callable[[Path, dict[str, Any]], int],
+) -> int:
+    """Save a sharded model as the checkpoint ``path``, on every rank; returns its size on rank 0.
+
+    Full checkpoints become a DCP folder committed by rank 0 (see the module docstring); weights-only
+    ones a single consolidated file that ``write_file`` commits on rank 0. ``checkpoint`` is rank 0's
+    checkpoint dict without the sharded tensors (None on other ranks).
+    """
+    rank0 = dist.dist_info().rank == 0
+    if rank0:
+        makedirs_durable(path.parent)
+    if weights_only:
+        with consolidated_model_state(state.model, path.parent) as model:
+            if checkpoint is None:
+                return 0
+            checkpoint["state"]["model"] = model
+            return write_file(path, checkpoint)
+    temp = Path(dist.broadcast_object(str(temp_path_for(path)) if rank0 else None))
+    try:
+        write_sharded(temp, state, checkpoint or {}, checkpoint["state"]["metadata"] if checkpoint else {})
+        dist.barrier()
+        if not rank0:
+            return 0
+        _commit_folder(temp, path)
+    except BaseException:
+        if rank0:
+            remove_checkpoint(temp)
+        raise
+    return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
+
+
+def _commit_folder(temp: Path, final: Path) -> None:
+    """Rename a complete temp folder onto its final name (replacing an older folder of that name)."""
+    if final.exists():
+        old = temp_path_for(final)
+        os.rename(final, old)
+        os.rename(temp, final)
+        remove_checkpoint(old)
+    else:
+        os.rename(temp, final)
+    fsync_dir(final.parent)
+
+
+def write_sharded(folder: Path, state: State, extras: dict[str, Any], json_metadata: dict[str, Any]) -> None:
+    """Write ``state``'s shards into ``folder`` on every rank; rank 0 adds ``extras`` and the JSON metadata.
+
+    ``extras`` is the rest of the checkpoint (timestamp, schedulers, callbacks, RNG, metadata).
+    Every rank must call this with the same ``folder``. Files are fsynced; the caller renames
+    the folder into place.
+    """
+    dcp.save(
+        _tensor_state(state),
+        storage_writer=dcp.FileSystemWriter(folder, sync_files=True),
+        process_group=dist.checkpoint_group(),
+        no_dist=not dist.is_distributed(),
+    )
+    if dist.dist_info().rank == 0:
+        with open(folder / EXTRAS, "wb") as file:
+            torch.save(extras, file)
+            file.flush()
+            os.fsync(file.fileno())
+        (folder / FOLDER_METADATA).write_text(json.dumps(json_metadata, sort_keys=True))
+        with open(folder / FOLDER_METADATA, "rb") as file:
+            os.fsync(file.fileno())
+        fsync_dir(folder)
+
+
+def verify_sharded(folder: Path) -> None:
+    """Check a sharded checkpoint folder: DCP's index reads, every shard it names is present, and
+    the extras pass :func:`~ckpt_callbacks.serialization.verify_file`.
+
+    Raises:
+        CorruptCheckpointError: naming what is missing or unreadable.
+    """
+    try:
+        metadata = dcp.FileSystemReader(folder).read_metadata()
+    except Exception as error:  # noqa: BLE001 -- a missing or torn index surfaces in many forms
+        raise CorruptCheckpointError(f"{folder} has no readable DCP index (.metadata): {error}") from error
+    storage = getattr(metadata, "storage_data", None) or {}
+    for item in storage.values():
+        relative = getattr(item, "relative_path", None)
+        if relative and not (folder / relative).is_file():
+            raise CorruptCheckpointError(f"{folder} lacks the shard file {relative}")
+    verify_file(folder / EXTRAS)
+
+
+def load_sharded(folder: Path, state: State, *, weights_only: bool = False, strict: bool = True) -> dict[str, Any]:
+    """Load a sharded checkpoint folder into ``state``, resharding to this run's layout.
+
+    Returns the checkpoint's extras (``{'state': {...}, 'rng': [...]}`` without the tensors).
+
+    Raises:
+        CorruptCheckpointError: the folder's index, shards or extras cannot be read.
+    """
+    template = _tensor_state(state)
+    if weights_only:
+        del template["optimizers"]
+    try:
+        dcp.load(
+            template,
+            storage_reader=dcp.FileSystemReader(folder),
+            process_group=dist.checkpoint_group(),
+            no_dist=not dist.is_distributed(),
+        )
+    except Exception as error:  # noqa: BLE001 -- DCP raises many types (CheckpointException, RuntimeError, ...)
+        raise CorruptCheckpointError(f"cannot load the sharded checkpoint {folder}: {error}") from error
+    set_model_state_dict(state.model, template["model"], options=StateDictOptions(strict=strict))
+    for optimizer, optimizer_state in zip(state.optimizers, template.get("optimizers", [])):
+        set_optimizer_state_dict(state.model, optimizer, optimizer_state)
+    return read_state(folder / EXTRAS)
+
+
+@contextmanager
+def consolidated_model_state(model: torch.nn.Module, spill_folder: Path) -> Iterator[dict[str, torch.Tensor]]:
+    """The full (unsharded) model state dict on rank 0, gathered one tensor at a time.
+
+    Each DTensor is all-gathered on every rank (a collective per tensor), and rank 0 copies it into
+    a file-backed tensor in ``spill_folder`` (``torch.from_file``), so the consolidated model lives in
+    the page cache, not in anonymous memory: the kernel can write it back instead of running out of
+    RAM. Other ranks get an empty dict. The spill files are removed on exit.
+    """
+    rank = dist.dist_info().rank
+    consolidated: dict[str, torch.Tensor] = {}
+    with tempfile.TemporaryDirectory(dir=spill_folder, prefix=".consolidate-") as spill:
+        for index, (key, value) in enumerate(model.state_dict().items()):
+            full = value.full_tensor() if isinstance(value, DTensor) else value
+            if rank == 0:
+                consolidated[key] = _spill(full.detach().cpu(), Path(spill) / f"{index}.bin")
+            del full
+        yield consolidated
+        consolidated.clear()
+
+
+def _spill(tensor: torch.Tensor, path: Path) -> torch.Tensor:
+    if tensor.numel() == 0:
+        return tensor.clone()
+    spilled = torch.from_file(str(path), shared=True, size=tensor.numel(), dtype=tensor.dtype).view(tensor.shape)
+    spilled.copy_(tensor)
+    return spilled
