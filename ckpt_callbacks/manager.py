@@ -40,10 +40,11 @@ import torch
 
 from ckpt_callbacks import dist
 from ckpt_callbacks.codecs import checkpoint_format
-from ckpt_callbacks.errors import CheckpointExistsError, ConfigurationError, bad_value
-from ckpt_callbacks.naming import DIST_VARIABLES, RUN_VARIABLES, NameTemplate, check_relative, is_later
+from ckpt_callbacks.errors import ConfigurationError, bad_value
+from ckpt_callbacks.executors import executor_for
+from ckpt_callbacks.layout import FOLDER_VARIABLES, Layout
 from ckpt_callbacks.record import (
-    CheckpointInfo, CheckpointRecord, folder_files, metric_values, metrics_at_save, scan_folder,
+    CheckpointInfo, CheckpointRecord, folder_files, metric_values, metrics_at_save,
 )
 from ckpt_callbacks.retention import RetentionPolicy, check_best_filename, find_best_policy, retention_from_arguments
 from ckpt_callbacks.serialization import SCHEMA_VERSION, apply_ignore_keys, check_ignore_keys, write_state
@@ -59,11 +60,10 @@ from ckpt_callbacks.storage import (
 )
 from ckpt_callbacks.time import Timestamp
 
-__all__ = ["CheckpointManager", "InlineExecutor"]
+__all__ = ["FOLDER_VARIABLES", "RANK_MODES", "CheckpointManager"]
 
 log = logging.getLogger(__name__)
 
-FOLDER_VARIABLES = RUN_VARIABLES + DIST_VARIABLES
 RANK_MODES = ("rank0", "per_rank", "sharded")
 
 
@@ -72,27 +72,6 @@ def _library_version() -> str:
         return importlib_metadata.version("ckpt-callbacks")
     except importlib_metadata.PackageNotFoundError:
         return "0+unknown"
-
-
-class InlineExecutor:
-    """Runs each submitted job at once on the caller's thread (``save_mode='sync'``).
-
-    Example:
-        >>> InlineExecutor().submit(lambda: 1 + 1).result()
-        2
-    """
-
-    def submit(self, job: Callable[[], Any]) -> Future:
-        """Run ``job`` now and return a completed future holding its result or exception."""
-        future: Future = Future()
-        try:
-            future.set_result(job())
-        except BaseException as error:  # noqa: BLE001 -- handed to the caller through the future
-            future.set_exception(error)
-        return future
-
-    def shutdown(self) -> None:
-        """Nothing to stop."""
 
 
 class CheckpointManager:
@@ -114,7 +93,8 @@ class CheckpointManager:
             or ``'pointer'``.
         ranks: ``'rank0'`` (rank 0 writes the full state), ``'per_rank'`` (every rank writes its
             own file) or ``'sharded'`` (a DCP folder of every rank's shards).
-        executor: runs the steps after capture (default: inline).
+        save_mode: ``'sync'`` (the steps after capture run on the caller's thread) or ``'async'``
+            (on a background thread; only the capture blocks).
         best_filename: template of a ``best`` link (like ``latest``) to the best checkpoint by the
             metric of the :class:`~ckpt_callbacks.retention.KeepBest` in ``retention``; ``None`` for none.
 
@@ -138,17 +118,17 @@ class CheckpointManager:
         key: str | None = None,
         latest_mode: str = "auto",
         ranks: str = "rank0",
-        executor: Any = None,
+        save_mode: str = "sync",
         best_filename: str | os.PathLike | None = None,
     ) -> None:
-        self.folder_template = NameTemplate(folder, argument="folder", allowed=FOLDER_VARIABLES, relative=False)
-        self.filename = NameTemplate(filename, argument="filename")
-        self.latest_filename = (
-            None if latest_filename is None else NameTemplate(latest_filename, argument="latest_filename")
-        )
-        self.format = checkpoint_format(self.filename.template, argument="filename")
         self.retention = retention_from_arguments(num_checkpoints_to_keep, retention)
-        self.best_filename = check_best_filename(best_filename, self.retention)
+        self.rank_info = dist.dist_info()
+        self.layout = Layout(
+            folder, filename, latest_filename, check_best_filename(best_filename, self.retention),
+            run_name=run_name, rank_info=self.rank_info,
+        )
+        self.folder, self.filename = self.layout.folder, self.layout.filename
+        self.format = checkpoint_format(self.filename.template, argument="filename")
         self.weights_only = bool(weights_only)
         self.ignore_keys = check_ignore_keys(ignore_keys)
         self.overwrite = bool(overwrite)
@@ -158,14 +138,11 @@ class CheckpointManager:
             raise ConfigurationError(bad_value("ranks", "'rank0', 'per_rank' or 'sharded'", ranks))
         self.ranks = ranks
         self.run_name = run_name
-        self.key = key or "CheckpointManager-" + _digest(self.folder_template.template, self.filename.template)
-        self.rank_info = dist.dist_info()
-        self.fixed = {"run_name": run_name, **self.rank_info.format_variables()}
-        self.folder = Path(self.folder_template.format(**self.fixed))
+        self.key = key or "CheckpointManager-" + _digest(self.layout.folder_template.template, self.filename.template)
         # One record per saver and run: runs sharing a folder never see (or prune) each other's files.
         record_name = f".ckpt-record-{_digest(self.key, run_name)}-rank{self.rank_info.rank}.json"
         self.record = CheckpointRecord.load(self.folder / record_name)
-        self._executor = executor or InlineExecutor()
+        self._executor = executor_for(save_mode)
         self._in_flight: Future | None = None
         self._resumed_from: str | None = None
         self._remembered: list[CheckpointInfo] = []
@@ -197,8 +174,8 @@ class CheckpointManager:
         sweep_stale_temp_files(self.folder)
         self.reconcile()
         if not self.overwrite:
-            self._check_conflicts(timestamp)
-        self._resumed_from = None if resumed_from is None else self._relative(Path(resumed_from))
+            self.layout.check_conflicts(timestamp)
+        self._resumed_from = None if resumed_from is None else self.layout.relative(Path(resumed_from))
         self.record.start_lineage(self._resumed_from)
         self.record.save()
 
@@ -251,7 +228,7 @@ class CheckpointManager:
 
     def republish(self, info: CheckpointInfo) -> None:
         """Point ``latest`` at ``info`` (repairing it after a crash or a set-aside)."""
-        link = self._latest_path(info.timestamp)
+        link = self.layout.latest_path(info.timestamp)
         if link is not None:
             publish_latest(link, self.path_of(info), mode=self.latest_mode)
 
@@ -327,7 +304,7 @@ class CheckpointManager:
         self, checkpoint: dict[str, Any] | None, state: State | Mapping[str, Any], timestamp: Timestamp,
         metrics: dict[str, float], started: float,
     ) -> CheckpointInfo | None:
-        name = self._name(timestamp)
+        name = self.layout.name(timestamp)
         path = self.folder / name
         if self.sharded and isinstance(state, State):
             size = write_sharded_checkpoint(path, state, checkpoint, self.weights_only, self._write_file)
@@ -395,10 +372,10 @@ class CheckpointManager:
         return scored
 
     def _publish_best(self) -> None:
-        best = self.best() if self.best_filename is not None else None
+        link = self.layout.best_path()
+        best = self.best() if link is not None else None
         if best is None:
             return
-        link = self.folder / check_relative(self.best_filename.format(**self.fixed), argument="best_filename")
         if resolve_latest(link) != Path(os.path.normpath(self.path_of(best))):
             publish_latest(link, self.path_of(best), mode=self.latest_mode)
 
@@ -426,22 +403,6 @@ class CheckpointManager:
                 protected.add(resumed.seq)
         return protected
 
-    def _name(self, timestamp: Timestamp) -> str:
-        values = {**self.fixed, **timestamp.format_variables()}
-        return check_relative(self.filename.format(**values), argument="filename")
-
-    def _latest_path(self, timestamp: Timestamp) -> Path | None:
-        if self.latest_filename is None:
-            return None
-        values = {**self.fixed, **timestamp.format_variables()}
-        return self.folder / check_relative(self.latest_filename.format(**values), argument="latest_filename")
-
-    def _relative(self, path: Path) -> str | None:
-        try:
-            return os.path.relpath(path.resolve(), self.folder.resolve())
-        except ValueError:
-            return None
-
     def _metadata(self, seq: int, timestamp: Timestamp, state: State | Mapping[str, Any]) -> dict[str, Any]:
         lineage = self.record.lineage
         return {
@@ -464,20 +425,14 @@ class CheckpointManager:
     def _pending(self, seq: int, timestamp: Timestamp) -> CheckpointInfo:
         """The record entry of the checkpoint being written (its size is not known yet)."""
         return CheckpointInfo(
-            seq=seq, name=self._name(timestamp), timestamp=timestamp,
+            seq=seq, name=self.layout.name(timestamp), timestamp=timestamp,
             lineage=self.record.lineage.id if self.record.lineage else "", size=0,
             saved_at=time.time(), weights_only=self.weights_only,
         )
 
     def callback_state(self, pending: CheckpointInfo | None = None) -> dict[str, Any]:
         """The saver's callback state: its record, plus ``pending`` (a checkpoint lists itself, as in Composer)."""
-        checkpoints = [*self.record.checkpoints, *([pending] if pending else [])]
-        return {
-            "all_saved_checkpoints_to_timestamp": [
-                (str(self.folder / c.name), c.timestamp.state_dict()) for c in checkpoints
-            ],
-            "checkpoints": [c.to_json() for c in checkpoints],
-        }
+        return self.record.callback_state(self.folder, pending)
 
     def remember(self, callback_state: Mapping[str, Any]) -> None:
         """Take the record entries stored in a resumed checkpoint's callback state (merged at :meth:`start`)."""
@@ -486,23 +441,12 @@ class CheckpointManager:
     def reconcile(self) -> None:
         """Bring the record in line with the disk: forget vanished files, adopt our unrecorded ones."""
         self.record.reconcile(
-            self.folder, self.filename, self.fixed, saver=self.key, run_name=self.run_name, remembered=self._remembered
+            self.folder, self.filename, self.layout.fixed, saver=self.key, run_name=self.run_name, remembered=self._remembered
         )
-
-    def _check_conflicts(self, timestamp: Timestamp) -> None:
-        current = timestamp.format_variables()
-        for name in scan_folder(self.folder, self.filename, self.fixed):
-            found = self.filename.parse(name, **self.fixed)
-            if found is not None and is_later(found, current):
-                raise CheckpointExistsError(
-                    f"{self.folder / name} may conflict with a future checkpoint of the current run "
-                    f"(it is later than the current time, {timestamp}). Delete that file, choose another "
-                    "folder, resume from it (autoresume=True), or set overwrite=True."
-                )
 
     def latest_link_target(self, timestamp: Timestamp) -> Path | None:
         """Where the ``latest`` link currently points (None if there is no link)."""
-        link = self._latest_path(timestamp)
+        link = self.layout.latest_path(timestamp)
         return None if link is None else resolve_latest(link)
 
 

@@ -181,6 +181,17 @@ class CheckpointRecord:
                 changed.append(info)
         return changed
 
+    def callback_state(self, folder: Path, pending: CheckpointInfo | None = None) -> dict[str, Any]:
+        """The saver's callback state: Composer's ``all_saved_checkpoints_to_timestamp`` (pairs of
+        path and timestamp) and our entries, plus ``pending`` (a checkpoint lists itself)."""
+        checkpoints = [*self.checkpoints, *([pending] if pending else [])]
+        return {
+            "all_saved_checkpoints_to_timestamp": [
+                (str(folder / c.name), c.timestamp.state_dict()) for c in checkpoints
+            ],
+            "checkpoints": [c.to_json() for c in checkpoints],
+        }
+
     def to_json(self) -> dict[str, Any]:
         """The JSON document written to disk."""
         return {

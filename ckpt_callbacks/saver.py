@@ -21,7 +21,8 @@ from ckpt_callbacks.codecs import Codec, checkpoint_format
 from ckpt_callbacks.errors import ConfigurationError, InvalidTemplateError, bad_value
 from ckpt_callbacks.events import Callback, Event
 from ckpt_callbacks.intervals import create_save_policy
-from ckpt_callbacks.manager import FOLDER_VARIABLES, RANK_MODES, CheckpointManager
+from ckpt_callbacks.layout import FOLDER_VARIABLES
+from ckpt_callbacks.manager import RANK_MODES, CheckpointManager
 from ckpt_callbacks.naming import NameTemplate
 from ckpt_callbacks.retention import RetentionPolicy, check_best_filename, retention_from_arguments
 from ckpt_callbacks.serialization import check_ignore_keys
