@@ -150,6 +150,7 @@ def find_resume_checkpoint(managers: Sequence[CheckpointManager]) -> Path | None
     for index, manager in enumerate(managers):
         if manager.writes:
             manager.reconcile()
+            manager.fetch_from_store()
             local += [(index, info.seq, info.saved_at) for info in manager.all() if not info.weights_only]
     everyone = dist.all_gather_object(local)
     agreed = _agreed_candidates(everyone, managers)

@@ -26,10 +26,12 @@ Example, without our Trainer or events::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import logging
 import os
+import threading
 import time
 from concurrent.futures import Future
 from importlib import metadata as importlib_metadata
@@ -46,6 +48,7 @@ from ckpt_callbacks.layout import FOLDER_VARIABLES, Layout
 from ckpt_callbacks.record import (
     CheckpointInfo, CheckpointRecord, folder_files, metric_values, metrics_at_save,
 )
+from ckpt_callbacks.remote.target import RemoteConfig, RemoteTarget
 from ckpt_callbacks.retention import RetentionPolicy, check_best_filename, find_best_policy, retention_from_arguments
 from ckpt_callbacks.serialization import SCHEMA_VERSION, apply_ignore_keys, check_ignore_keys, write_state
 from ckpt_callbacks.sharded import write_sharded_checkpoint
@@ -120,6 +123,7 @@ class CheckpointManager:
         ranks: str = "rank0",
         save_mode: str = "sync",
         best_filename: str | os.PathLike | None = None,
+        remote: RemoteConfig | None = None,
     ) -> None:
         self.retention = retention_from_arguments(num_checkpoints_to_keep, retention)
         self.rank_info = dist.dist_info()
@@ -146,6 +150,9 @@ class CheckpointManager:
         self._in_flight: Future | None = None
         self._resumed_from: str | None = None
         self._remembered: list[CheckpointInfo] = []
+        self._lock = threading.RLock()
+        self.remote_config = remote
+        self.remote: RemoteTarget | None = None
 
     @property
     def writes(self) -> bool:
@@ -168,6 +175,9 @@ class CheckpointManager:
             CheckpointExistsError: ``overwrite=False`` and the folder holds checkpoints of this
                 template with later counters than ``timestamp``.
         """
+        if self.remote_config is not None and self.remote is None:
+            self.remote = self._open_remote()
+            self.remote.probe()
         if not self.writes:
             return
         makedirs_durable(self.folder)
@@ -178,6 +188,7 @@ class CheckpointManager:
         self._resumed_from = None if resumed_from is None else self.layout.relative(Path(resumed_from))
         self.record.start_lineage(self._resumed_from)
         self.record.save()
+        self._reupload_stranded()
 
     def wait(self) -> None:
         """Block until the save in flight is durable; raise its error if it failed."""
@@ -186,11 +197,15 @@ class CheckpointManager:
             in_flight.result()
 
     def close(self) -> None:
-        """Wait for the save in flight and stop the executor."""
+        """Wait for the save in flight, drain uploads (bounded by ``shutdown_timeout``), and stop."""
         try:
             self.wait()
         finally:
             self._executor.shutdown()
+            if self.remote is not None:
+                not_uploaded = self.remote.close()
+                if not_uploaded:
+                    log.error("these checkpoints were not uploaded (their local files remain): %s", not_uploaded)
 
     # ------------------------------------------------------------------ queries
 
@@ -313,6 +328,8 @@ class CheckpointManager:
         else:
             return None
         if checkpoint is None:
+            if self.remote is not None and self.sharded and not self.weights_only:
+                self.remote.upload(None, path, timestamp, {})
             return None
         metadata = checkpoint["state"].get("metadata", {})
         info = CheckpointInfo(
@@ -327,9 +344,13 @@ class CheckpointManager:
             metrics=metrics,
         )
         stall = time.perf_counter() - started
-        self._publish(info)
-        self._prune()
-        self._publish_best()
+        with self._lock:
+            self._publish(info)
+        if self.remote is not None:
+            self.remote.upload(info, path, timestamp, self._manifest_metadata(info))
+        with self._lock:
+            self._prune()
+            self._publish_best()
         log.info(
             "saved %s: %d bytes, stall %.3f s, durable after %.3f s",
             path, info.size, stall, time.perf_counter() - started,
@@ -392,7 +413,7 @@ class CheckpointManager:
     # ------------------------------------------------------------------ helpers
 
     def _protected(self) -> set[int]:
-        protected = set()
+        protected = {c.seq for c in self.record.checkpoints if self.remote is not None and not c.uploaded}
         newest = self.record.newest()
         if newest is not None and not _keeps_none(self.retention):
             protected.add(newest.seq)
@@ -437,6 +458,63 @@ class CheckpointManager:
     def remember(self, callback_state: Mapping[str, Any]) -> None:
         """Take the record entries stored in a resumed checkpoint's callback state (merged at :meth:`start`)."""
         self._remembered = [CheckpointInfo.from_json(item) for item in callback_state.get("checkpoints", [])]
+
+    # ------------------------------------------------------------------ the store
+
+    def _open_remote(self) -> RemoteTarget:
+        return RemoteTarget(
+            self.remote_config, fixed=self.layout.fixed, rank_info=self.rank_info, ranks=self.ranks,
+            overwrite=self.overwrite, saver=self.key, run_name=self.run_name, on_confirmed=self._confirmed,
+        )
+
+    def _manifest_metadata(self, info: CheckpointInfo) -> dict[str, Any]:
+        return {
+            "saver": self.key, "run_name": self.run_name, "save_sequence": info.seq,
+            "timestamp": info.timestamp.state_dict(), "lineage": info.lineage, "saved_at": info.saved_at,
+            "weights_only": info.weights_only, "ranks": self.ranks, "world_size": self.rank_info.world_size,
+        }
+
+    def _confirmed(self, info: CheckpointInfo) -> None:
+        """Called by the publisher once ``info`` is committed in the store: mark it, prune again."""
+        with self._lock:
+            current = self.record.find(info.name)
+            if current is not None and current.seq == info.seq:
+                self.record.add(dataclasses.replace(current, uploaded=True))
+                self.record.save()
+            self._prune()
+        if self.remote is not None:
+            self.remote.prune(set())
+
+    def _reupload_stranded(self) -> None:
+        """Hand checkpoints that a crash left committed locally but not in the store to the uploader."""
+        if self.remote is None:
+            return
+        for info in [c for c in self.all() if not c.uploaded]:
+            log.info("re-uploading %s, which an earlier run did not finish uploading", self.path_of(info))
+            self.remote.upload(info, self.path_of(info), info.timestamp, self._manifest_metadata(info))
+
+    def fetch_from_store(self) -> None:
+        """Download the checkpoint the store's pointer names when none is on disk (a new machine,
+        a deleted folder), so that autoresume finds it; nothing when there is no pointer."""
+        if self.remote_config is None or self.all():
+            return
+        if self.remote is None:
+            self.remote = self._open_remote()
+        makedirs_durable(self.folder)
+        if self.remote.fetch_latest(self.folder) is not None:
+            self.reconcile()
+            with self._lock:
+                self.record.checkpoints = [dataclasses.replace(c, uploaded=True) for c in self.record.checkpoints]
+                self.record.save()
+
+    def upload_errors(self) -> list[Exception]:
+        """Upload failures since the last call (empty without a remote)."""
+        return list(self.remote.poll_errors()) if self.remote is not None else []
+
+    def wait_uploads(self) -> None:
+        """Block until every checkpoint handed to the uploader is committed in the store or failed."""
+        if self.remote is not None:
+            self.remote.wait()
 
     def reconcile(self) -> None:
         """Bring the record in line with the disk: forget vanished files, adopt our unrecorded ones."""

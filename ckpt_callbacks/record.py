@@ -48,6 +48,7 @@ class CheckpointInfo:
         saved_at: wall-clock time of the commit (seconds since the epoch).
         weights_only: whether it holds the model weights only.
         files: the files that make it up, relative to the folder (one file, or a folder's files).
+        uploaded: whether it is committed in the object store (its manifest written).
         metrics: the training metrics when it was saved (what score-based retention reads).
 
     Example:
@@ -65,6 +66,7 @@ class CheckpointInfo:
     weights_only: bool
     files: tuple[str, ...] = ()
     metrics: dict[str, float] = field(default_factory=dict)
+    uploaded: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (also used in the callback state: plain types only)."""

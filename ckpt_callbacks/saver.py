@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
+import uuid
 import warnings
 from numbers import Real
 from typing import Any, Callable, Mapping, Sequence
@@ -24,6 +27,7 @@ from ckpt_callbacks.intervals import create_save_policy
 from ckpt_callbacks.layout import FOLDER_VARIABLES
 from ckpt_callbacks.manager import RANK_MODES, CheckpointManager
 from ckpt_callbacks.naming import NameTemplate
+from ckpt_callbacks.remote.target import RemoteConfig
 from ckpt_callbacks.retention import RetentionPolicy, check_best_filename, retention_from_arguments
 from ckpt_callbacks.serialization import check_ignore_keys
 from ckpt_callbacks.state import State
@@ -33,12 +37,6 @@ __all__ = ["CheckpointSaver"]
 
 SAVE_MODES = ("sync", "async")
 UPLOAD_ERROR_MODES = ("raise", "warn")
-
-
-def _not_yet(argument: str, value: object, issue: int, topic: str) -> NotImplementedError:
-    return NotImplementedError(
-        f"{argument}={value!r} arrives with issue #{issue} ({topic}); it is not available in this version"
-    )
 
 
 class CheckpointSaver(Callback):
@@ -56,10 +54,12 @@ class CheckpointSaver(Callback):
             ``{total_wct}``, ``{epoch_wct}``, ``{batch_wct}``; format specs work (``{epoch:03d}``).
             The extension chooses the format (``.pt`` plain; ``.pt.gz``, ``.pt.bz2``, ``.pt.xz``,
             ``.pt.lzma``, ``.pt.zst``, ``.pt.lz4`` compressed).
-        remote_file_name: object key template under ``remote`` (issue #4).
+        remote_file_name: object key template under ``remote`` (every format variable); default
+            ``folder/filename`` for a relative folder (Composer's default key), else ``filename``.
         latest_filename: template of the ``latest`` symlink relative to ``folder``; ``None``
             for none.
-        latest_remote_file_name: key of the remote ``latest`` pointer (issue #4).
+        latest_remote_file_name: key of the remote ``latest`` pointer, to which ``.symlink`` is
+            appended (Composer's convention); default ``folder/latest_filename`` like ``remote_file_name``.
         save_interval: ``'1ep'``, ``'500ba'``, ``'64sp'``, ``'1000tok'``, ``'0.25dur'``, ``'30m'``,
             an int (epochs), a :class:`~ckpt_callbacks.time.Time`, or a callable
             ``(state, event) -> bool``. Non-callables also save at the end of training; ``0``
@@ -71,11 +71,15 @@ class CheckpointSaver(Callback):
         weights_only: save the model weights only.
         ignore_keys: globs (``'state/model/*'``, ``'rng'``) or a callable removing parts before
             saving.
-        num_concurrent_uploads: uploader threads (issue #4).
-        upload_timeout_in_seconds: timeout of each upload (issue #4).
-        remote: an fsspec URL prefix to upload to (issue #4).
-        storage_options: credentials and endpoint of the object store (issue #4).
-        save_mode: ``'sync'`` (``'async'`` arrives with issue #6).
+        num_concurrent_uploads: files uploaded at once (each large file also sends parts concurrently).
+        upload_timeout_in_seconds: a real deadline per upload, counted from its first attempt and
+            covering every retry.
+        remote: an fsspec URL prefix to upload to (``s3://bucket/prefix``, ``file:///mnt/ckpt``,
+            ``memory://x``); ``None`` for none. A URI ``folder`` is the same, with local staging in a
+            temp folder removed at close.
+        storage_options: credentials and endpoint of the object store (``endpoint_url``, ``key``,
+            ``secret``, ``region_name``, ...); the environment works too (see the remote docs).
+        save_mode: ``'sync'`` or ``'async'`` (only the capture blocks training).
         compression_level: level of the codec the extension chooses (``None``: its default).
         ranks: ``'rank0'`` (rank 0 writes the full, replicated state: DDP), ``'per_rank'`` (every
             rank writes its own file; ``{rank}`` is required in the names when several ranks write) or
@@ -84,11 +88,15 @@ class CheckpointSaver(Callback):
         retention: a retention policy instead of ``num_checkpoints_to_keep``: ``KeepLast``,
             ``KeepBest``, ``KeepEvery``, ``KeepWithin`` or ``KeepAny`` of them
             (:mod:`ckpt_callbacks.retention`). A checkpoint is deleted only when no policy keeps it.
-        remote_retention: retention of objects in the store (issue #4).
-        on_upload_error: ``'raise'`` or ``'warn'`` (issue #4).
+        remote_retention: a retention policy for checkpoints in the store (``None`` keeps every
+            object, as Composer does); never deletes the one a pointer names.
+        on_upload_error: ``'raise'`` (the next event raises the :class:`~ckpt_callbacks.errors.UploadError`)
+            or ``'warn'``.
         best_filename: template of a ``best`` link relative to ``folder`` (run and rank variables
             only), moved atomically like ``latest`` to the best checkpoint by the metric of the
             ``KeepBest`` in ``retention``; ``None`` (default) for none.
+        shutdown_timeout: at close or an abnormal exit, how long to keep draining uploads before
+            reporting which checkpoints were not uploaded.
 
     Raises:
         ConfigurationError: a bad argument, naming it, its value and what is accepted.
@@ -124,9 +132,9 @@ class CheckpointSaver(Callback):
         remote_retention: RetentionPolicy | None = None,
         on_upload_error: str = "raise",
         best_filename: str | os.PathLike | None = None,
+        shutdown_timeout: float = 300,
     ) -> None:
-        if "://" in os.fspath(folder):
-            raise _not_yet("folder", os.fspath(folder), 4, "remote object stores")
+        folder, remote, self._staging = _staging_folder(folder, remote)
         self.folder = NameTemplate(folder, argument="folder", allowed=FOLDER_VARIABLES, relative=False)
         self.filename = NameTemplate(filename, argument="filename")
         self.format = checkpoint_format(self.filename.template, argument="filename")
@@ -147,18 +155,17 @@ class CheckpointSaver(Callback):
             ))  # fmt: skip
         self.overwrite = _check_bool("overwrite", overwrite)
         _check_uploads(num_concurrent_uploads, upload_timeout_in_seconds, storage_options, on_upload_error)
-        for argument, value in (
-            ("remote", remote),
-            ("remote_file_name", remote_file_name),
-            ("latest_remote_file_name", latest_remote_file_name),
-            ("remote_retention", remote_retention),
-        ):
-            if value is not None:
-                raise _not_yet(argument, value, 4, "remote object stores")
+        if shutdown_timeout is None or isinstance(shutdown_timeout, bool) or not isinstance(shutdown_timeout, Real) \
+                or shutdown_timeout < 0:
+            raise ConfigurationError(bad_value("shutdown_timeout", "a number of seconds >= 0", shutdown_timeout))
+        self.remote = self._remote_config(
+            remote, remote_file_name, latest_remote_file_name, storage_options, remote_retention,
+            num_concurrent_uploads=num_concurrent_uploads, upload_timeout=float(upload_timeout_in_seconds),
+            shutdown_timeout=float(shutdown_timeout),
+        )
+        self.on_upload_error = on_upload_error
         if save_mode not in SAVE_MODES:
             raise ConfigurationError(bad_value("save_mode", "'sync' or 'async'", save_mode))
-        if save_mode == "async":
-            raise _not_yet("save_mode", save_mode, 6, "async saving")
         if ranks not in RANK_MODES:
             raise ConfigurationError(bad_value("ranks", "'rank0', 'per_rank' or 'sharded'", ranks))
         self.compression_level = _check_level(compression_level, self.format.codec)
@@ -207,6 +214,8 @@ class CheckpointSaver(Callback):
             key=self.state_key,
             ranks=self.ranks,
             best_filename=None if self.best_filename is None else self.best_filename.template,
+            remote=self.remote,
+            save_mode=self.save_mode,
         )
         if self._resumed_state is not None:
             self.manager.remember(self._resumed_state)
@@ -236,14 +245,28 @@ class CheckpointSaver(Callback):
         """Score the checkpoint saved at the evaluated step, if it was saved before the metrics existed."""
         self._manager.update_metrics(state.metrics, state.metrics_timestamp or state.timestamp)
 
+    def batch_end(self, state: State) -> None:
+        """Report upload failures of earlier checkpoints (``on_upload_error``)."""
+        self._report_upload_errors()
+
+    def epoch_end(self, state: State) -> None:
+        """Report upload failures of earlier checkpoints (``on_upload_error``)."""
+        self._report_upload_errors()
+
     def fit_end(self, state: State) -> None:
-        """Wait until every checkpoint is durable."""
+        """Wait until every checkpoint is durable, locally and in the store, and report failures."""
         self._manager.wait()
+        self._manager.wait_uploads()
+        self._report_upload_errors()
 
     def close(self) -> None:
-        """Finish the save in flight and release resources."""
-        if self.manager is not None:
-            self.manager.close()
+        """Finish the save in flight, drain uploads (bounded by ``shutdown_timeout``), release resources."""
+        try:
+            if self.manager is not None:
+                self.manager.close()
+        finally:
+            if self._staging is not None:
+                shutil.rmtree(self._staging, ignore_errors=True)
 
     def state_dict(self) -> dict[str, Any]:
         """The saver's record, so a resumed run knows (and prunes) what earlier runs saved."""
@@ -256,6 +279,33 @@ class CheckpointSaver(Callback):
             self.manager.remember(state)
 
     # ------------------------------------------------------------------ helpers
+
+    def _remote_config(
+        self, remote: str | None, remote_file_name: Any, latest_remote_file_name: Any,
+        storage_options: Mapping[str, Any] | None, remote_retention: RetentionPolicy | None, **options: Any,
+    ) -> RemoteConfig | None:
+        if remote is None:
+            for argument, value in (("remote_file_name", remote_file_name),
+                                    ("latest_remote_file_name", latest_remote_file_name),
+                                    ("remote_retention", remote_retention)):
+                if value is not None:
+                    raise ConfigurationError(bad_value(argument, "None unless 'remote' is given", value))
+            return None
+        retention = None if remote_retention is None else retention_from_arguments(-1, remote_retention)
+        return RemoteConfig.from_arguments(
+            remote, folder=self.folder, filename=self.filename, latest_filename=self.latest_filename,
+            remote_file_name=remote_file_name, latest_remote_file_name=latest_remote_file_name,
+            staging=self._staging is not None, storage_options=dict(storage_options or {}), retention=retention,
+            **options,
+        )
+
+    def _report_upload_errors(self) -> None:
+        if self.manager is None:
+            return
+        for error in self.manager.upload_errors():
+            if self.on_upload_error == "raise":
+                raise error
+            warnings.warn(f"checkpoint upload failed: {error}", UserWarning, stacklevel=3)
 
     @property
     def _manager(self) -> CheckpointManager:
@@ -313,6 +363,18 @@ class CheckpointSaver(Callback):
                     f"two CheckpointSavers in {mine.folder} use the link {self.best_filename.template!r}: "
                     "give one another best_filename"
                 )
+
+
+def _staging_folder(folder: str | os.PathLike, remote: str | None) -> tuple[str | os.PathLike, str | None, str | None]:
+    """Composer's shorthand: a URI ``folder`` means local staging in a temp folder (removed at close)
+    and ``remote`` = that URI. Returns (local folder, remote, staging folder or None)."""
+    text = os.fspath(folder)
+    if "://" not in text:
+        return folder, remote, None
+    if remote is not None:
+        raise ConfigurationError(bad_value("remote", "None when 'folder' is a URI (the folder is the remote)", remote))
+    staging = os.path.join(tempfile.gettempdir(), f"ckpt-callbacks-staging-{uuid.uuid4().hex[:12]}")
+    return staging, text, staging
 
 
 def _check_bool(argument: str, value: object) -> bool:

@@ -264,7 +264,7 @@ def test_best_link_as_pointer_file_and_bad_best_filenames(tmp_path: Path) -> Non
         CheckpointSaver(str(tmp_path), retention=KeepBest(1, "val/loss"), best_filename="latest-rank{rank}.pt")
     with pytest.raises(ConfigurationError, match="KeepBest"):
         CheckpointSaver(str(tmp_path), num_checkpoints_to_keep=2, best_filename="best.pt")
-    with pytest.raises(NotImplementedError, match="#4"):
+    with pytest.raises(ConfigurationError, match="unless 'remote' is given"):
         CheckpointSaver(str(tmp_path), remote_retention=KeepLast(2))
 
 

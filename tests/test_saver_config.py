@@ -55,19 +55,6 @@ def test_bad_arguments_are_refused_at_construction(tmp_path: Path, kwargs, error
     assert not (tmp_path / "ckpt").exists()
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "issue"),
-    [
-        ({"remote": "s3://bucket/prefix"}, "#4"),
-        ({"folder": "s3://bucket/prefix"}, "#4"),
-        ({"save_mode": "async"}, "#6"),
-    ],
-)
-def test_features_of_later_issues_name_their_issue(kwargs, issue: str) -> None:
-    with pytest.raises(NotImplementedError, match=issue):
-        CheckpointSaver(**kwargs)
-
-
 def test_template_without_counter_warns() -> None:
     with pytest.warns(UserWarning, match="overwrites"):
         CheckpointSaver(filename="last.pt")
