@@ -31,6 +31,7 @@ import functools
 import hashlib
 import logging
 import os
+import tempfile
 import threading
 import time
 from concurrent.futures import Future
@@ -51,7 +52,8 @@ from ckpt_callbacks.record import (
 from ckpt_callbacks.remote.target import RemoteConfig, RemoteTarget
 from ckpt_callbacks.retention import RetentionPolicy, check_best_filename, find_best_policy, retention_from_arguments
 from ckpt_callbacks.serialization import SCHEMA_VERSION, apply_ignore_keys, check_ignore_keys, write_state
-from ckpt_callbacks.sharded import write_sharded_checkpoint
+from ckpt_callbacks.sharded import consolidate, sharded_tensors, write_sharded_checkpoint
+from ckpt_callbacks.staging import StagingBuffers
 from ckpt_callbacks.state import State, capture_rng_state
 from ckpt_callbacks.storage import (
     atomic_write,
@@ -147,6 +149,7 @@ class CheckpointManager:
         record_name = f".ckpt-record-{_digest(self.key, run_name)}-rank{self.rank_info.rank}.json"
         self.record = CheckpointRecord.load(self.folder / record_name)
         self._executor = executor_for(save_mode)
+        self._staging = StagingBuffers() if save_mode == "async" else None
         self._in_flight: Future | None = None
         self._resumed_from: str | None = None
         self._remembered: list[CheckpointInfo] = []
@@ -195,6 +198,11 @@ class CheckpointManager:
         in_flight, self._in_flight = self._in_flight, None
         if in_flight is not None:
             in_flight.result()
+
+    def raise_if_failed(self) -> None:
+        """Raise the error of a background save that has finished with one (async mode); never blocks."""
+        if self._in_flight is not None and self._in_flight.done():
+            self.wait()
 
     def close(self) -> None:
         """Wait for the save in flight, drain uploads (bounded by ``shutdown_timeout``), and stop."""
@@ -262,17 +270,35 @@ class CheckpointManager:
         get ``None``. In sync mode the future is already done. If any rank fails, every rank's
         future raises the same :class:`~ckpt_callbacks.errors.CheckpointError` naming it.
         """
+        waited = time.perf_counter()
         self.wait()
         started = time.perf_counter()
+        if started - waited > 0.01:
+            log.info("waited %.3f s for the previous save to finish (back-pressure)", started - waited)
         metrics = metrics_at_save(state, timestamp, score)
-        checkpoint = self._capture(state, timestamp)
-        job = functools.partial(self._write_everywhere, checkpoint, state, timestamp, metrics, started)
+        captured = self._capture(state, timestamp)
+        job = functools.partial(self._write_everywhere, captured, timestamp, metrics, started)
         self._in_flight = self._executor.submit(job)
         return self._in_flight
 
-    def _capture(self, state: State | Mapping[str, Any], timestamp: Timestamp) -> dict[str, Any] | None:
-        """The checkpoint dict this rank writes (None if it writes none); tensors in sharded
-        mode are taken by DCP while writing."""
+    def _capture(self, state: State | Mapping[str, Any], timestamp: Timestamp) -> _Captured:
+        """What this rank writes, taken on the caller's thread: the only step that blocks training
+        in async mode, where every tensor is copied into reusable buffers."""
+        captured = _Captured(self._checkpoint_dict(state, timestamp))
+        if self.sharded and isinstance(state, State):
+            if self.weights_only:
+                model, captured.spill = consolidate(state.model, self.folder)
+                if captured.checkpoint is not None:
+                    captured.checkpoint["state"]["model"] = model
+            else:
+                captured.tensors = sharded_tensors(state)
+        if self._staging is not None:
+            captured.checkpoint = self._staging.stage(captured.checkpoint)
+            captured.tensors = self._staging.stage(captured.tensors)
+        return captured
+
+    def _checkpoint_dict(self, state: State | Mapping[str, Any], timestamp: Timestamp) -> dict[str, Any] | None:
+        """The checkpoint dict this rank writes (None if it writes none), without sharded tensors."""
         full = isinstance(state, State) and not self.weights_only
         rng = self._capture_rng() if full else None
         if not self.writes:
@@ -303,32 +329,32 @@ class CheckpointManager:
         return dist.all_gather_object(capture_rng_state())
 
     def _write_everywhere(
-        self, checkpoint: dict[str, Any] | None, state: State | Mapping[str, Any], timestamp: Timestamp,
-        metrics: dict[str, float], started: float,
+        self, captured: _Captured, timestamp: Timestamp, metrics: dict[str, float], started: float
     ) -> CheckpointInfo | None:
         """Write this rank's part, then agree with every rank that all parts were written."""
         info, error = None, None
         try:
-            info = self._write(checkpoint, state, timestamp, metrics, started)
+            info = self._write(captured, timestamp, metrics, started)
         except Exception as failure:  # noqa: BLE001 -- reported to every rank, then raised
             error = failure
+        finally:
+            if captured.spill is not None:
+                captured.spill.cleanup()
         dist.raise_if_any_failed(error, action=f"saving the checkpoint at {timestamp}")
         return info
 
     def _write(
-        self, checkpoint: dict[str, Any] | None, state: State | Mapping[str, Any], timestamp: Timestamp,
-        metrics: dict[str, float], started: float,
+        self, captured: _Captured, timestamp: Timestamp, metrics: dict[str, float], started: float
     ) -> CheckpointInfo | None:
+        checkpoint = captured.checkpoint
         name = self.layout.name(timestamp)
         path = self.folder / name
-        if self.sharded and isinstance(state, State):
-            size = write_sharded_checkpoint(path, state, checkpoint, self.weights_only, self._write_file)
+        if self.sharded:
+            size = write_sharded_checkpoint(path, captured.tensors, checkpoint, self._write_file)
         elif checkpoint is not None:
             size = self._write_file(path, checkpoint)
-        else:
-            return None
         if checkpoint is None:
-            if self.remote is not None and self.sharded and not self.weights_only:
+            if self.remote is not None and captured.tensors is not None:
                 self.remote.upload(None, path, timestamp, {})
             return None
         metadata = checkpoint["state"].get("metadata", {})
@@ -526,6 +552,15 @@ class CheckpointManager:
         """Where the ``latest`` link currently points (None if there is no link)."""
         link = self.layout.latest_path(timestamp)
         return None if link is None else resolve_latest(link)
+
+
+@dataclasses.dataclass
+class _Captured:
+    """One save's payload on this rank, as taken at capture time."""
+
+    checkpoint: dict[str, Any] | None
+    tensors: dict[str, Any] | None = None
+    spill: tempfile.TemporaryDirectory | None = None
 
 
 def _keeps_none(policy: RetentionPolicy) -> bool:

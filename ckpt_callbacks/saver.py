@@ -246,11 +246,11 @@ class CheckpointSaver(Callback):
         self._manager.update_metrics(state.metrics, state.metrics_timestamp or state.timestamp)
 
     def batch_end(self, state: State) -> None:
-        """Report upload failures of earlier checkpoints (``on_upload_error``)."""
+        """Raise the error of a failed background save; report upload failures (``on_upload_error``)."""
         self._report_upload_errors()
 
     def epoch_end(self, state: State) -> None:
-        """Report upload failures of earlier checkpoints (``on_upload_error``)."""
+        """Raise the error of a failed background save; report upload failures (``on_upload_error``)."""
         self._report_upload_errors()
 
     def fit_end(self, state: State) -> None:
@@ -300,8 +300,10 @@ class CheckpointSaver(Callback):
         )
 
     def _report_upload_errors(self) -> None:
+        """Raise a failed background save, then report upload failures (``on_upload_error``)."""
         if self.manager is None:
             return
+        self.manager.raise_if_failed()
         for error in self.manager.upload_errors():
             if self.on_upload_error == "raise":
                 raise error
@@ -321,7 +323,8 @@ class CheckpointSaver(Callback):
             return
         self.last_checkpoint_batch = batch
         self._manager.save(state.timestamp, state)
-        self._manager.wait()
+        if self.save_mode == "sync":
+            self._manager.wait()
 
     def _check_rank_in_names(self) -> None:
         """Several ranks writing under one name would overwrite each other's files."""

@@ -17,7 +17,7 @@ ranks loads on 2, or on 1 without a process group.
 
 DCP's collectives run on the checkpoint process group (:func:`ckpt_callbacks.dist.checkpoint_group`),
 never on the training group. Weights-only exports of a sharded model are one consolidated file,
-gathered one tensor at a time into file-backed memory (:func:`consolidated_model_state`), so no
+gathered one tensor at a time into file-backed memory (:func:`consolidate`), so no
 rank ever holds the whole model in RAM.
 """
 
@@ -26,9 +26,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -50,9 +49,10 @@ from ckpt_callbacks.storage import fsync_dir, makedirs_durable, remove_checkpoin
 
 __all__ = [
     "EXTRAS",
-    "consolidated_model_state",
+    "consolidate",
     "is_sharded_checkpoint",
     "load_sharded",
+    "sharded_tensors",
     "verify_sharded",
     "write_sharded",
     "write_sharded_checkpoint",
@@ -72,7 +72,14 @@ def is_sharded_checkpoint(path: Path) -> bool:
     return path.is_dir() and (path / ".metadata").is_file()
 
 
-def _tensor_state(state: State) -> dict[str, Any]:
+def sharded_tensors(state: State) -> dict[str, Any]:
+    """The sharded part of a checkpoint: model and optimizer state dicts of DTensors, keyed by
+    parameter names (so that DCP can reshard them on load).
+
+    Example:
+        >>> sorted(sharded_tensors(trainer.state))  # doctest: +SKIP
+        ['model', 'optimizers']
+    """
     return {
         "model": get_model_state_dict(state.model),
         "optimizers": [get_optimizer_state_dict(state.model, optimizer) for optimizer in state.optimizers],
@@ -81,29 +88,25 @@ def _tensor_state(state: State) -> dict[str, Any]:
 
 def write_sharded_checkpoint(
     path: Path,
-    state: State,
+    tensors: dict[str, Any] | None,
     checkpoint: dict[str, Any] | None,
-    weights_only: bool,
     write_file: Callable[[Path, dict[str, Any]], int],
 ) -> int:
     """Save a sharded model as the checkpoint ``path``, on every rank; returns its size on rank 0.
 
-    Full checkpoints become a DCP folder committed by rank 0 (see the module docstring); weights-only
-    ones a single consolidated file that ``write_file`` commits on rank 0. ``checkpoint`` is rank 0's
-    checkpoint dict without the sharded tensors (None on other ranks).
+    With ``tensors`` (from :func:`sharded_tensors`, maybe staged) the checkpoint is a DCP folder
+    committed by rank 0 (see the module docstring); without, it is a weights-only export whose
+    consolidated model is already in rank 0's ``checkpoint``, committed by ``write_file``.
+    ``checkpoint`` is rank 0's checkpoint dict without the sharded tensors (None on other ranks).
     """
     rank0 = dist.dist_info().rank == 0
     if rank0:
         makedirs_durable(path.parent)
-    if weights_only:
-        with consolidated_model_state(state.model, path.parent) as model:
-            if checkpoint is None:
-                return 0
-            checkpoint["state"]["model"] = model
-            return write_file(path, checkpoint)
+    if tensors is None:
+        return 0 if checkpoint is None else write_file(path, checkpoint)
     temp = Path(dist.broadcast_object(str(temp_path_for(path)) if rank0 else None))
     try:
-        write_sharded(temp, state, checkpoint or {}, checkpoint["state"]["metadata"] if checkpoint else {})
+        write_sharded(temp, tensors, checkpoint or {}, checkpoint["state"]["metadata"] if checkpoint else {})
         dist.barrier()
         if not rank0:
             return 0
@@ -127,15 +130,15 @@ def _commit_folder(temp: Path, final: Path) -> None:
     fsync_dir(final.parent)
 
 
-def write_sharded(folder: Path, state: State, extras: dict[str, Any], json_metadata: dict[str, Any]) -> None:
-    """Write ``state``'s shards into ``folder`` on every rank; rank 0 adds ``extras`` and the JSON metadata.
+def write_sharded(folder: Path, tensors: dict[str, Any], extras: dict[str, Any], json_metadata: dict[str, Any]) -> None:
+    """Write ``tensors`` (every rank's shards) into ``folder``; rank 0 adds ``extras`` and the JSON metadata.
 
     ``extras`` is the rest of the checkpoint (timestamp, schedulers, callbacks, RNG, metadata).
     Every rank must call this with the same ``folder``. Files are fsynced; the caller renames
     the folder into place.
     """
     dcp.save(
-        _tensor_state(state),
+        tensors,
         storage_writer=dcp.FileSystemWriter(folder, sync_files=True),
         process_group=dist.checkpoint_group(),
         no_dist=not dist.is_distributed(),
@@ -178,7 +181,7 @@ def load_sharded(folder: Path, state: State, *, weights_only: bool = False, stri
     Raises:
         CorruptCheckpointError: the folder's index, shards or extras cannot be read.
     """
-    template = _tensor_state(state)
+    template = sharded_tensors(state)
     if weights_only:
         del template["optimizers"]
     try:
@@ -196,25 +199,25 @@ def load_sharded(folder: Path, state: State, *, weights_only: bool = False, stri
     return read_state(folder / EXTRAS)
 
 
-@contextmanager
-def consolidated_model_state(model: torch.nn.Module, spill_folder: Path) -> Iterator[dict[str, torch.Tensor]]:
+def consolidate(model: torch.nn.Module, spill_folder: Path) -> tuple[dict[str, torch.Tensor], tempfile.TemporaryDirectory]:
     """The full (unsharded) model state dict on rank 0, gathered one tensor at a time.
 
-    Each DTensor is all-gathered on every rank (a collective per tensor), and rank 0 copies it into
-    a file-backed tensor in ``spill_folder`` (``torch.from_file``), so the consolidated model lives in
-    the page cache, not in anonymous memory: the kernel can write it back instead of running out of
-    RAM. Other ranks get an empty dict. The spill files are removed on exit.
+    Each DTensor is all-gathered on every rank (a collective per tensor, on the training group: call
+    it from the training thread), and rank 0 copies it into a file-backed tensor in a temp folder
+    under ``spill_folder`` (``torch.from_file``), so the consolidated model lives in the page cache,
+    not in anonymous memory: the kernel can write it back instead of running out of RAM. Other ranks
+    get an empty dict. Clean the returned temp folder up once the export is written.
     """
     rank = dist.dist_info().rank
     consolidated: dict[str, torch.Tensor] = {}
-    with tempfile.TemporaryDirectory(dir=spill_folder, prefix=".consolidate-") as spill:
-        for index, (key, value) in enumerate(model.state_dict().items()):
-            full = value.full_tensor() if isinstance(value, DTensor) else value
-            if rank == 0:
-                consolidated[key] = _spill(full.detach().cpu(), Path(spill) / f"{index}.bin")
-            del full
-        yield consolidated
-        consolidated.clear()
+    spill_folder.mkdir(parents=True, exist_ok=True)
+    spill = tempfile.TemporaryDirectory(dir=spill_folder, prefix=".consolidate-")
+    for index, (key, value) in enumerate(model.state_dict().items()):
+        full = value.full_tensor() if isinstance(value, DTensor) else value
+        if rank == 0:
+            consolidated[key] = _spill(full.detach().cpu(), Path(spill.name) / f"{index}.bin")
+        del full
+    return consolidated, spill
 
 
 def _spill(tensor: torch.Tensor, path: Path) -> torch.Tensor:

@@ -4,7 +4,8 @@
 checkpoint is copied into a CPU buffer that was allocated at the first save and is reused by every
 later one (a copy into an existing buffer costs about 0.4x of a fresh allocation here, see
 performance-notes.md), so memory does not grow with the number of checkpoints. CUDA tensors go to
-pinned buffers with non-blocking copies, synchronised before returning. Everything that is not a
+pinned buffers with non-blocking copies, synchronised before returning; a DTensor keeps its layout
+with this rank's shard staged. Everything that is not a
 tensor is deep-copied, so training may mutate parameters, optimizer states and counters right
 after capture without leaking into the checkpoint.
 
@@ -18,6 +19,7 @@ import copy
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 __all__ = ["StagingBuffers"]
 
@@ -76,6 +78,12 @@ class StagingBuffers:
         return snapshot
 
     def _copy(self, tensor: torch.Tensor, path: str) -> torch.Tensor:
+        if isinstance(tensor, DTensor):
+            # A sharded tensor: stage this rank's shard and keep its layout, so that DCP can save it.
+            local = self._copy(tensor.to_local(), path)
+            return DTensor.from_local(
+                local, tensor.device_mesh, tensor.placements, run_check=False, shape=tensor.shape, stride=tensor.stride()
+            )
         source = tensor.detach()
         if source.layout != torch.strided:
             return source.to("cpu", copy=True)
