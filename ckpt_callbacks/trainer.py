@@ -27,7 +27,7 @@ from datetime import timedelta
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from ckpt_callbacks import dist
 from ckpt_callbacks.errors import ConfigurationError, bad_value
@@ -122,6 +122,7 @@ class Trainer:
             raise ConfigurationError(bad_value("loss_fn", "a callable loss_fn(model, batch) -> loss", loss_fn))
         _check_eval(eval_dataloader, eval_fn)
         self.eval_interval = create_save_policy(eval_interval, argument="eval_interval")
+        loader = _distributed(train_dataloader, 0 if seed is None else int(seed))
         self.state = State(
             model=model,
             optimizers=_as_list(optimizers),
@@ -129,8 +130,8 @@ class Trainer:
             run_name=run_name or f"run-{int(time.time())}-{os.getpid()}",
             max_duration=duration,
             callbacks=list(callbacks),
-            dataloader=train_dataloader,
-            dataloader_len=_length(train_dataloader),
+            dataloader=loader,
+            dataloader_len=_length(loader),
             seed=0 if seed is None else int(seed),
         )
         self.loss_fn = loss_fn
@@ -214,12 +215,13 @@ class Trainer:
             self._run_event(Event.BATCH_START)
             started = time.perf_counter()
             self._train_batch(batch)
-            state.previous_timestamp = state.timestamp
-            state.timestamp = state.timestamp.to_next_batch(
-                samples=int(self.num_samples_fn(batch)),
-                tokens=int(self.num_tokens_fn(batch)) if self.num_tokens_fn else 0,
-                duration=timedelta(seconds=time.perf_counter() - started),
+            samples, tokens, seconds = _across_ranks(
+                int(self.num_samples_fn(batch)),
+                int(self.num_tokens_fn(batch)) if self.num_tokens_fn else 0,
+                time.perf_counter() - started,
             )
+            state.previous_timestamp = state.timestamp
+            state.timestamp = state.timestamp.to_next_batch(samples, tokens, timedelta(seconds=seconds))
             self._run_event(Event.BATCH_END)
             self._maybe_evaluate(Event.BATCH_CHECKPOINT)
             self._run_event(Event.BATCH_CHECKPOINT)
@@ -365,6 +367,33 @@ def _metric_items(results: Any) -> list[tuple[str, float]]:
         except (TypeError, ValueError, RuntimeError):
             raise ConfigurationError(bad_value("eval_fn", accepted, results)) from None
     return items
+
+
+def _distributed(loader: Any, seed: int) -> Any:
+    """In a process group, give a DataLoader with a plain sampler a DistributedSampler (each rank its
+    share of every epoch, shuffled by (seed, epoch) as before); other loaders are used as they are."""
+    if not dist.is_distributed() or not isinstance(loader, DataLoader) or loader.batch_sampler is None:
+        return loader
+    if isinstance(loader.sampler, DistributedSampler) or not isinstance(loader.sampler, (RandomSampler, SequentialSampler)):
+        return loader
+    sampler = DistributedSampler(loader.dataset, shuffle=isinstance(loader.sampler, RandomSampler), seed=seed)
+    return DataLoader(
+        loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
+        worker_init_fn=loader.worker_init_fn, persistent_workers=loader.persistent_workers,
+    )
+
+
+def _across_ranks(samples: int, tokens: int, seconds: float) -> tuple[int, int, float]:
+    """Samples and tokens summed over every rank, and the slowest rank's batch time, so that the
+    timestamp is identical on every rank (one small collective per batch on the training group)."""
+    if not dist.is_distributed():
+        return samples, tokens, seconds
+    counts = torch.tensor([samples, tokens], dtype=torch.float64)
+    slowest = torch.tensor([seconds], dtype=torch.float64)
+    torch.distributed.all_reduce(counts)
+    torch.distributed.all_reduce(slowest, op=torch.distributed.ReduceOp.MAX)
+    return int(counts[0]), int(counts[1]), float(slowest[0])
 
 
 def _as_list(value: Any) -> list[Any]:

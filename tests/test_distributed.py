@@ -168,3 +168,32 @@ def test_sharded_save_with_four_ranks_resumes_on_two(tmp_path: Path, world_size:
     resumed = values(run(2, _sharded_run, str(tmp_path), "2ba"))
     assert resumed[0]["resumed_from"] == "ba2"
     assert resumed[0]["weights"] == saved
+
+
+def _ddp_run(folder: str, max_duration: str) -> dict:
+    from torch.nn.parallel import DistributedDataParallel
+
+    from _training import make_model
+
+    model = DistributedDataParallel(make_model())
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    callbacks = [CheckpointSaver(folder, filename="ep{epoch}-ba{batch}.pt", save_interval="1ep")] if folder else []
+    trainer = Trainer(model, optimizer, make_loader(batches_per_epoch=4), loss_fn=loss_fn, max_duration=max_duration,
+                      run_name="ddp", callbacks=callbacks, autoresume=bool(folder))
+    trainer.fit()
+    return {
+        "weights": {k: v.tolist() for k, v in trainer.state.model.state_dict().items()},
+        "timestamp": trainer.state.timestamp.state_dict() | {"total_wct": 0, "epoch_wct": 0, "batch_wct": 0},
+        "resumed_from": Path(trainer.state.resumed_from).name if trainer.state.resumed_from else None,
+    }
+
+
+def test_ddp_with_distributed_sampler_resumes_exactly(tmp_path: Path) -> None:
+    """Each rank trains on its share of the data (2 batches of 4 per epoch); samples are summed."""
+    straight = values(run(2, _ddp_run, "", "2ep"))
+    assert straight[0]["timestamp"] == straight[1]["timestamp"]
+    assert straight[0]["timestamp"]["batch"] == 4 and straight[0]["timestamp"]["sample"] == 64
+    values(run(2, _ddp_run, str(tmp_path), "1ep"))
+    resumed = values(run(2, _ddp_run, str(tmp_path), "2ep"))
+    assert [r["resumed_from"] for r in resumed] == ["ep1-ba2.pt", "ep1-ba2.pt"]
+    assert resumed[0]["weights"] == straight[0]["weights"] == resumed[1]["weights"]
