@@ -31,17 +31,15 @@ import functools
 import hashlib
 import logging
 import os
-import tempfile
 import threading
 import time
 from concurrent.futures import Future
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import torch
 
 from ckpt_callbacks import dist
+from ckpt_callbacks.capture import Captured, Capturer
 from ckpt_callbacks.codecs import checkpoint_format
 from ckpt_callbacks.errors import ConfigurationError, bad_value
 from ckpt_callbacks.executors import executor_for
@@ -51,10 +49,10 @@ from ckpt_callbacks.record import (
 )
 from ckpt_callbacks.remote.target import RemoteConfig, RemoteTarget
 from ckpt_callbacks.retention import RetentionPolicy, check_best_filename, find_best_policy, retention_from_arguments
-from ckpt_callbacks.serialization import SCHEMA_VERSION, apply_ignore_keys, check_ignore_keys, write_state
-from ckpt_callbacks.sharded import consolidate, sharded_tensors, write_sharded_checkpoint
+from ckpt_callbacks.serialization import check_ignore_keys, write_state
+from ckpt_callbacks.sharded import write_sharded_checkpoint
 from ckpt_callbacks.staging import StagingBuffers
-from ckpt_callbacks.state import State, capture_rng_state
+from ckpt_callbacks.state import State
 from ckpt_callbacks.storage import (
     atomic_write,
     makedirs_durable,
@@ -70,13 +68,6 @@ __all__ = ["FOLDER_VARIABLES", "RANK_MODES", "CheckpointManager"]
 log = logging.getLogger(__name__)
 
 RANK_MODES = ("rank0", "per_rank", "sharded")
-
-
-def _library_version() -> str:
-    try:
-        return importlib_metadata.version("ckpt-callbacks")
-    except importlib_metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 class CheckpointManager:
@@ -149,7 +140,10 @@ class CheckpointManager:
         record_name = f".ckpt-record-{_digest(self.key, run_name)}-rank{self.rank_info.rank}.json"
         self.record = CheckpointRecord.load(self.folder / record_name)
         self._executor = executor_for(save_mode)
-        self._staging = StagingBuffers() if save_mode == "async" else None
+        self.capturer = Capturer(
+            key=self.key, run_name=run_name, rank_info=self.rank_info, ranks=ranks, weights_only=self.weights_only,
+            ignore_keys=self.ignore_keys, layout=self.layout, staging=StagingBuffers() if save_mode == "async" else None,
+        )
         self._in_flight: Future | None = None
         self._resumed_from: str | None = None
         self._remembered: list[CheckpointInfo] = []
@@ -276,60 +270,13 @@ class CheckpointManager:
         if started - waited > 0.01:
             log.info("waited %.3f s for the previous save to finish (back-pressure)", started - waited)
         metrics = metrics_at_save(state, timestamp, score)
-        captured = self._capture(state, timestamp)
+        captured = self.capturer.capture(state, timestamp, self.record, self.callback_state)
         job = functools.partial(self._write_everywhere, captured, timestamp, metrics, started)
         self._in_flight = self._executor.submit(job)
         return self._in_flight
 
-    def _capture(self, state: State | Mapping[str, Any], timestamp: Timestamp) -> _Captured:
-        """What this rank writes, taken on the caller's thread: the only step that blocks training
-        in async mode, where every tensor is copied into reusable buffers."""
-        captured = _Captured(self._checkpoint_dict(state, timestamp))
-        if self.sharded and isinstance(state, State):
-            if self.weights_only:
-                model, captured.spill = consolidate(state.model, self.folder)
-                if captured.checkpoint is not None:
-                    captured.checkpoint["state"]["model"] = model
-            else:
-                captured.tensors = sharded_tensors(state)
-        if self._staging is not None:
-            captured.checkpoint = self._staging.stage(captured.checkpoint)
-            captured.tensors = self._staging.stage(captured.tensors)
-        return captured
-
-    def _checkpoint_dict(self, state: State | Mapping[str, Any], timestamp: Timestamp) -> dict[str, Any] | None:
-        """The checkpoint dict this rank writes (None if it writes none), without sharded tensors."""
-        full = isinstance(state, State) and not self.weights_only
-        rng = self._capture_rng() if full else None
-        if not self.writes:
-            return None
-        seq = self.record.take_seq()
-        if isinstance(state, State):
-            body = state.weights_state_dict() if self.weights_only and not self.sharded else {}
-            if full:
-                body = state.state_dict()
-                if self.sharded:
-                    del body["model"], body["optimizers"]
-                body["callbacks"][self.key] = self.callback_state(self._pending(seq, timestamp))
-        else:
-            body = dict(state)
-        body["metadata"] = self._metadata(seq, timestamp, state)
-        checkpoint: dict[str, Any] = {"state": body}
-        if rng is not None:
-            checkpoint["rng"] = rng
-        apply_ignore_keys(checkpoint, self.ignore_keys)
-        checkpoint.setdefault("state", {})
-        return checkpoint
-
-    def _capture_rng(self) -> list[Any]:
-        if self.ranks == "per_rank":
-            rng: list[Any] = [None] * self.rank_info.world_size
-            rng[self.rank_info.rank] = capture_rng_state()
-            return rng
-        return dist.all_gather_object(capture_rng_state())
-
     def _write_everywhere(
-        self, captured: _Captured, timestamp: Timestamp, metrics: dict[str, float], started: float
+        self, captured: Captured, timestamp: Timestamp, metrics: dict[str, float], started: float
     ) -> CheckpointInfo | None:
         """Write this rank's part, then agree with every rank that all parts were written."""
         info, error = None, None
@@ -344,7 +291,7 @@ class CheckpointManager:
         return info
 
     def _write(
-        self, captured: _Captured, timestamp: Timestamp, metrics: dict[str, float], started: float
+        self, captured: Captured, timestamp: Timestamp, metrics: dict[str, float], started: float
     ) -> CheckpointInfo | None:
         checkpoint = captured.checkpoint
         name = self.layout.name(timestamp)
@@ -450,33 +397,6 @@ class CheckpointManager:
                 protected.add(resumed.seq)
         return protected
 
-    def _metadata(self, seq: int, timestamp: Timestamp, state: State | Mapping[str, Any]) -> dict[str, Any]:
-        lineage = self.record.lineage
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "library_version": _library_version(),
-            "torch_version": str(torch.__version__),
-            "world_size": self.rank_info.world_size,
-            "ranks": self.ranks,
-            "run_name": self.run_name,
-            "timestamp": timestamp.state_dict(),
-            "save_sequence": seq,
-            "lineage": lineage.id if lineage else "",
-            "resumed_from": lineage.resumed_from if lineage else None,
-            "saved_at": time.time(),
-            "weights_only": self.weights_only,
-            "saver": self.key,
-            "seed": state.seed if isinstance(state, State) else None,
-        }
-
-    def _pending(self, seq: int, timestamp: Timestamp) -> CheckpointInfo:
-        """The record entry of the checkpoint being written (its size is not known yet)."""
-        return CheckpointInfo(
-            seq=seq, name=self.layout.name(timestamp), timestamp=timestamp,
-            lineage=self.record.lineage.id if self.record.lineage else "", size=0,
-            saved_at=time.time(), weights_only=self.weights_only,
-        )
-
     def callback_state(self, pending: CheckpointInfo | None = None) -> dict[str, Any]:
         """The saver's callback state: its record, plus ``pending`` (a checkpoint lists itself, as in Composer)."""
         return self.record.callback_state(self.folder, pending)
@@ -552,15 +472,6 @@ class CheckpointManager:
         """Where the ``latest`` link currently points (None if there is no link)."""
         link = self.layout.latest_path(timestamp)
         return None if link is None else resolve_latest(link)
-
-
-@dataclasses.dataclass
-class _Captured:
-    """One save's payload on this rank, as taken at capture time."""
-
-    checkpoint: dict[str, Any] | None
-    tensors: dict[str, Any] | None = None
-    spill: tempfile.TemporaryDirectory | None = None
 
 
 def _keeps_none(policy: RetentionPolicy) -> bool:

@@ -65,7 +65,7 @@ def test_buffers_are_reused_across_saves(tmp_path: Path) -> None:
     sizes = []
     for batch in (1, 2, 3):
         manager.save(Timestamp(batch=batch), trainer.state).result()
-        sizes.append(manager._staging.nbytes)
+        sizes.append(manager.capturer.staging.nbytes)
     manager.close()
     assert sizes[0] > 0 and sizes == [sizes[0]] * 3
     fresh = make_trainer(max_duration="1ba")

@@ -1,0 +1,161 @@
+"""Step 2 of the save pipeline, *capture*: what a rank writes, taken on the training thread.
+
+The payload is the checkpoint dict of DESIGN.md section 4b (full or weights-only, ``ignore_keys``
+applied, metadata added, every rank's RNG state gathered), plus for sharded models their DTensor
+state dicts (written by DCP) or, for a weights-only export, the consolidated model. In async mode
+every tensor is then copied into reusable buffers (:mod:`ckpt_callbacks.staging`), so that
+training may go on mutating its state: this is the only step that blocks training there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from importlib import metadata as importlib_metadata
+from typing import Any, Callable, Mapping
+
+import torch
+
+from ckpt_callbacks import dist
+from ckpt_callbacks.dist import DistInfo
+from ckpt_callbacks.layout import Layout
+from ckpt_callbacks.record import CheckpointInfo, CheckpointRecord
+from ckpt_callbacks.serialization import SCHEMA_VERSION, apply_ignore_keys
+from ckpt_callbacks.sharded import consolidate, sharded_tensors
+from ckpt_callbacks.staging import StagingBuffers
+from ckpt_callbacks.state import State, capture_rng_state
+from ckpt_callbacks.time import Timestamp
+
+__all__ = ["Captured", "Capturer"]
+
+
+def _library_version() -> str:
+    try:
+        return importlib_metadata.version("ckpt-callbacks")
+    except importlib_metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclasses.dataclass
+class Captured:
+    """One save's payload on this rank, as taken at capture time.
+
+    Attributes:
+        checkpoint: the checkpoint dict this rank commits (None on ranks that commit nothing).
+        tensors: a sharded model's DTensor state dicts, written by DCP on every rank.
+        spill: the temp folder holding a consolidated export's tensors (removed after the write).
+    """
+
+    checkpoint: dict[str, Any] | None
+    tensors: dict[str, Any] | None = None
+    spill: tempfile.TemporaryDirectory | None = None
+
+
+class Capturer:
+    """Builds each save's payload for one saver on one rank.
+
+    Example:
+        >>> capturer = Capturer(key="CheckpointSaver-1a2b", run_name="exp1", rank_info=dist.dist_info(),
+        ...                     ranks="rank0", weights_only=False, ignore_keys=None, layout=layout,
+        ...                     staging=None)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self, *, key: str, run_name: str, rank_info: DistInfo, ranks: str, weights_only: bool, ignore_keys: Any,
+        layout: Layout, staging: StagingBuffers | None,
+    ) -> None:
+        self.key = key
+        self.run_name = run_name
+        self.rank_info = rank_info
+        self.ranks = ranks
+        self.weights_only = weights_only
+        self.ignore_keys = ignore_keys
+        self.layout = layout
+        self.staging = staging
+        self._record: CheckpointRecord | None = None
+        self._callback_state: Callable[[CheckpointInfo], dict[str, Any]] | None = None
+
+    @property
+    def writes(self) -> bool:
+        """Whether this rank commits checkpoints (every rank in ``'per_rank'`` mode, rank 0 otherwise)."""
+        return self.ranks == "per_rank" or self.rank_info.rank == 0
+
+    def capture(
+        self, state: State | Mapping[str, Any], timestamp: Timestamp, record: CheckpointRecord,
+        callback_state: Callable[[CheckpointInfo], dict[str, Any]],
+    ) -> Captured:
+        """The payload of a save at ``timestamp``; ``callback_state`` gives the saver's state that
+        the checkpoint stores about itself (it lists itself, as in Composer)."""
+        self._record, self._callback_state = record, callback_state
+        captured = Captured(self._checkpoint_dict(state, timestamp))
+        if self.ranks == "sharded" and isinstance(state, State):
+            if self.weights_only:
+                model, captured.spill = consolidate(state.model, self.layout.folder)
+                if captured.checkpoint is not None:
+                    captured.checkpoint["state"]["model"] = model
+            else:
+                captured.tensors = sharded_tensors(state)
+        if self.staging is not None:
+            captured.checkpoint = self.staging.stage(captured.checkpoint)
+            captured.tensors = self.staging.stage(captured.tensors)
+        return captured
+
+    def _checkpoint_dict(self, state: State | Mapping[str, Any], timestamp: Timestamp) -> dict[str, Any] | None:
+        """The checkpoint dict this rank writes (None if it writes none), without sharded tensors."""
+        full = isinstance(state, State) and not self.weights_only
+        rng = self._capture_rng() if full else None
+        if not self.writes:
+            return None
+        seq = self._record.take_seq()
+        if isinstance(state, State):
+            body = state.weights_state_dict() if self.weights_only and not self.ranks == "sharded" else {}
+            if full:
+                body = state.state_dict()
+                if self.ranks == "sharded":
+                    del body["model"], body["optimizers"]
+                body["callbacks"][self.key] = self._callback_state(self._pending(seq, timestamp))
+        else:
+            body = dict(state)
+        body["metadata"] = self._metadata(seq, timestamp, state)
+        checkpoint: dict[str, Any] = {"state": body}
+        if rng is not None:
+            checkpoint["rng"] = rng
+        apply_ignore_keys(checkpoint, self.ignore_keys)
+        checkpoint.setdefault("state", {})
+        return checkpoint
+
+    def _capture_rng(self) -> list[Any]:
+        if self.ranks == "per_rank":
+            rng: list[Any] = [None] * self.rank_info.world_size
+            rng[self.rank_info.rank] = capture_rng_state()
+            return rng
+        return dist.all_gather_object(capture_rng_state())
+
+    def _metadata(self, seq: int, timestamp: Timestamp, state: State | Mapping[str, Any]) -> dict[str, Any]:
+        lineage = self._record.lineage
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "library_version": _library_version(),
+            "torch_version": str(torch.__version__),
+            "world_size": self.rank_info.world_size,
+            "ranks": self.ranks,
+            "run_name": self.run_name,
+            "timestamp": timestamp.state_dict(),
+            "save_sequence": seq,
+            "lineage": lineage.id if lineage else "",
+            "resumed_from": lineage.resumed_from if lineage else None,
+            "saved_at": time.time(),
+            "weights_only": self.weights_only,
+            "saver": self.key,
+            "seed": state.seed if isinstance(state, State) else None,
+        }
+
+    def _pending(self, seq: int, timestamp: Timestamp) -> CheckpointInfo:
+        """The record entry of the checkpoint being written (its size is not known yet)."""
+        return CheckpointInfo(
+            seq=seq, name=self.layout.name(timestamp), timestamp=timestamp,
+            lineage=self._record.lineage.id if self._record.lineage else "", size=0,
+            saved_at=time.time(), weights_only=self.weights_only,
+        )
+
