@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import BinaryIO
 
+from ckpt_callbacks._streams import copy_overlapped
 from ckpt_callbacks.codecs import CheckpointFormat, checkpoint_format
 from ckpt_callbacks.decoding import open_decoded
 from ckpt_callbacks.errors import CheckpointError, ConfigurationError, CorruptCheckpointError, bad_value
@@ -223,8 +224,7 @@ def copy_member(stream: BinaryIO, out: BinaryIO, *, source: Path, names: Sequenc
                 if member.isreg() and _normal(member.name) in wanted:
                     data = tar.extractfile(member)
                     assert data is not None  # a regular member always has data
-                    shutil.copyfileobj(data, out, _COPY_BYTES)
-                    if data.tell() != member.size:
+                    if copy_overlapped(data, out) != member.size:
                         raise CorruptCheckpointError(f"{source} is corrupt: tar member {member.name!r} is cut short")
                     return member.name
     except (tarfile.TarError, EOFError, OSError) as e:

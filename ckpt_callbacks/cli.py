@@ -35,7 +35,7 @@ from ckpt_callbacks.export import DTYPES, export_weights
 from ckpt_callbacks.inspection import Description, describe, tensor_tree
 from ckpt_callbacks.listing import ListedCheckpoint, list_checkpoints
 from ckpt_callbacks.locations import RemoteLocations, is_uri, local_checkpoint
-from ckpt_callbacks.progress import TqdmCallback
+from ckpt_callbacks.progress import Progress, TqdmCallback
 from ckpt_callbacks.verification import Verdict, verify_checkpoint
 
 __all__ = ["main"]
@@ -99,8 +99,10 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--bare", action="store_true", help="write the state dict alone (torch.load(OUT) returns it)")
     export.add_argument("--level", type=int, metavar="N", help="compression level of OUT's codec")
     export.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    demo = command("demo", "train a small model with two savers, stop, resume, and show what was saved", [], _demo)
+    demo = command("demo", "train a small model with two savers, stop, resume, and show what was saved", [remote], _demo)
     demo.add_argument("--folder", type=Path, help="where to write (default: a temporary folder, removed after)")
+    demo.add_argument("--remote", metavar="URI", help="also upload to this store (s3://bucket/prefix, file:///...) "
+                      "and resume the second run from it, the local folder deleted")
     return parser
 
 
@@ -184,7 +186,8 @@ def _print_listing(location: str, listed: list[ListedCheckpoint], *, several: bo
     content = {True: "weights", False: "full", None: "?"}
     rows = [
         [c.name, known(c.epoch), known(c.batch), _size(c.size), known(c.format), content[c.weights_only],
-         ", ".join(os.path.basename(p) for p in c.pointers) or "-", c.where]
+         ", ".join(os.path.basename(p) for p in c.pointers) or "-",
+         c.where + (", uncommitted" if c.committed is False else "")]
         for c in listed
     ]
     _table(["NAME", "EPOCH", "BATCH", "SIZE", "FORMAT", "CONTENT", "LINKS", "WHERE"], rows)
@@ -197,7 +200,8 @@ def _print_listing(location: str, listed: list[ListedCheckpoint], *, several: bo
 def _inspect(args: argparse.Namespace) -> int:
     if args.depth is not None and args.depth < 0:
         raise _UsageError(f"--depth must be 0 or more (got {args.depth})")
-    with local_checkpoint(args.path, storage_options=args.storage_options, progress=_bar(args.path)) as path:
+    with _bar(args.path) as progress, local_checkpoint(args.path, storage_options=args.storage_options,
+                                                       progress=progress) as path:
         description = describe(path)
     description.path = args.path
     if args.json:
@@ -207,8 +211,11 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bar(location: str) -> TqdmCallback:
-    return TqdmCallback(f"download {location.rstrip('/').rpartition('/')[2]}" if is_uri(location) else location)
+def _bar(location: str) -> Progress:
+    """A download bar for a remote location; nothing for a local one."""
+    if not is_uri(location):
+        return Progress()
+    return TqdmCallback(f"download {location.rstrip('/').rpartition('/')[2]}")
 
 
 def _describe_value(name: str, value: Any) -> str:
@@ -267,7 +274,7 @@ def _tree_lines(node: Any, indent: int, depth: int | None, lines: list[tuple[str
 def _verify(args: argparse.Namespace) -> int:
     verdicts = []
     local_sizes = [_local_size(p) for p in args.paths]
-    with TqdmCallback("verify") as progress:
+    with TqdmCallback("verify") if sum(local_sizes) else Progress() as progress:
         progress.set_total(sum(local_sizes))
         for location, size in zip(args.paths, local_sizes):
             verdict = _verify_one(location, args.storage_options)
@@ -291,14 +298,17 @@ def _local_size(location: str) -> int:
 
 def _verify_one(location: str, storage_options: dict[str, Any] | None) -> Verdict:
     try:
-        with local_checkpoint(location, storage_options=storage_options, progress=_bar(location)) as path:
+        with _bar(location) as progress, local_checkpoint(location, storage_options=storage_options,
+                                                          progress=progress) as path:
             verdict = verify_checkpoint(path)
             local = str(path)
     except (CheckpointError, OSError) as error:
         return Verdict(location, False, None, 0, error=str(error), missing=isinstance(error, FileNotFoundError))
-    if local != location:  # a download's temp path, or latest's target: name what the user gave
-        verdict.path = location if is_uri(location) else f"{location} -> {local}"
+    if is_uri(location):  # not the temp path of the download: what the user gave
+        verdict.path = location
         verdict.error = verdict.error and verdict.error.replace(local, location)
+    elif local != location:
+        verdict.path = f"{location} -> {local}"
     return verdict
 
 
@@ -338,7 +348,8 @@ def _download(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     if os.path.lexists(args.out) and not args.overwrite:
         raise CheckpointExistsError(f"{args.out} already exists and was left untouched; --overwrite replaces it")
-    with local_checkpoint(args.path, storage_options=args.storage_options, progress=_bar(args.path)) as path:
+    with _bar(args.path) as progress, local_checkpoint(args.path, storage_options=args.storage_options,
+                                                       progress=progress) as path:
         result = export_weights(
             path, args.out, dtype=args.dtype, keep_prefixes=args.keep_prefixes, key=args.key, bare=args.bare,
             overwrite=args.overwrite, compression_level=args.level,
@@ -361,4 +372,6 @@ def _export(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from ckpt_callbacks.demo import run_demo  # imports the trainer only when it runs
 
-    return run_demo(args.folder)
+    if args.remote is not None and not is_uri(args.remote):
+        raise _UsageError(f"--remote must be a URI such as s3://bucket/prefix (got {args.remote!r})")
+    return run_demo(args.folder, args.remote, args.storage_options)

@@ -67,11 +67,9 @@ class _Guarded(io.RawIOBase):
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         try:
-            data = self._reader.read(len(buffer))
+            return self._reader.readinto(buffer)  # type: ignore[attr-defined]
         except Exception as e:  # every codec has its own error types; all mean damage
             raise _damaged(self._path, self._codec, e) from e
-        buffer[: len(data)] = data
-        return len(data)
 
 
 def _damaged(path: Path, codec: Codec, error: Exception) -> CorruptCheckpointError:
@@ -95,8 +93,8 @@ def open_decoded(path: Path | str) -> Iterator[Decoded]:
     """Open a checkpoint file of any known format and yield its decoded content as a stream.
 
     The format comes from the file's magic bytes, never its name; for a compressed file the
-    decoded bytes are sniffed again (a ``.tar.zst`` is zstd around a tar). Nothing is buffered
-    beyond what the codec needs: callers stream the content to where it goes.
+    decoded bytes are sniffed again (a ``.tar.zst`` is zstd around a tar). Only a 1 MiB read
+    buffer is held: callers stream the content to where it goes.
 
     Raises:
         CheckpointNotFoundError: ``path`` does not exist.

@@ -3,9 +3,10 @@
 It trains a small MLP on a regression task with a real signal, with weights-only exports every
 epoch and the full training state every 4 batches (the newest 2 kept), stops after 25 batches as
 if the job had been killed, then starts again with the same ``run_name`` and ``autoresume=True``
-and trains to 4 epochs, printing what was saved and where training resumed. It doubles as an
-end-to-end check of an installation: it exits non-zero if the second run did not continue from
-the saved step.
+and trains to 4 epochs, printing what was saved and where training resumed. With a ``remote``
+both savers also upload, and the local folder is deleted before the second run, as on a new
+machine: it resumes from the store. It doubles as an end-to-end check of an installation (and of
+a bucket's credentials): it exits non-zero if the second run did not continue from the saved step.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from ckpt_callbacks.events import Callback
+from ckpt_callbacks.listing import list_checkpoints
 from ckpt_callbacks.saver import CheckpointSaver
 from ckpt_callbacks.state import State
 from ckpt_callbacks.time import Timestamp
@@ -47,8 +50,17 @@ class _FitStart(Callback):
         self.timestamp = state.timestamp
 
 
+def _uploads(remote: str | None, storage_options: Mapping[str, Any] | None, folder: str, name: str, latest: str) -> dict[str, Any]:
+    if remote is None:
+        return {}
+    return {
+        "remote": remote, "storage_options": storage_options,
+        "remote_file_name": f"{{run_name}}/{folder}/{name}", "latest_remote_file_name": f"{{run_name}}/{folder}/{latest}",
+    }
+
+
 def _demo_trainer(
-    folder: Path, max_duration: str
+    folder: Path, max_duration: str, remote: str | None = None, storage_options: Mapping[str, Any] | None = None,
 ) -> tuple[Trainer, CheckpointSaver, CheckpointSaver, list[float], _FitStart]:
     model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -63,10 +75,12 @@ def _demo_trainer(
     exports = CheckpointSaver(
         folder=str(folder / "{run_name}" / "exports"), filename="ep{epoch}-ba{batch}.pt",
         latest_filename="latest-export.pt", save_interval="1ep", weights_only=True,
+        **_uploads(remote, storage_options, "exports", "ep{epoch}-ba{batch}.pt", "latest-export.pt"),
     )
     full = CheckpointSaver(
         folder=str(folder / "{run_name}" / "checkpoints"), filename="ep{epoch}-ba{batch}-rank{rank}.pt.gz",
         save_interval="4ba", num_checkpoints_to_keep=2,
+        **_uploads(remote, storage_options, "checkpoints", "ep{epoch}-ba{batch}-rank{rank}.pt.gz", "latest-rank{rank}.pt"),
     )
     start = _FitStart()
     trainer = Trainer(
@@ -76,11 +90,15 @@ def _demo_trainer(
     return trainer, exports, full, losses, start
 
 
-def run_demo(folder: Path | None = None) -> int:
+def run_demo(
+    folder: Path | None = None, remote: str | None = None, storage_options: Mapping[str, Any] | None = None
+) -> int:
     """Run the demo, printing to stdout; return the exit code (0: the resumed run continued exactly).
 
     Args:
         folder: Where to write; None for a temporary folder, removed afterwards.
+        remote: A store URL to upload to and resume from (``s3://bucket/prefix``, ``file:///...``).
+        storage_options: The store's options (endpoint, credentials, ...).
 
     Example:
         >>> run_demo(Path("demo-output"))  # doctest: +SKIP
@@ -91,7 +109,7 @@ def run_demo(folder: Path | None = None) -> int:
     try:
         print(f"Writing to {target}\n")
         print("Run 1: train for 25 batches (10 batches per epoch), as if the job were stopped mid-epoch.")
-        trainer, exports, full, losses, _ = _demo_trainer(target, "25ba")
+        trainer, exports, full, losses, _ = _demo_trainer(target, "25ba", remote, storage_options)
         trainer.fit()
         first = trainer.state.timestamp
         _table(
@@ -101,8 +119,11 @@ def run_demo(folder: Path | None = None) -> int:
         )
         print(f"  stopped at {_when(first)}; loss first / last {losses[0]:.4f} / {losses[-1]:.4f}\n")
 
+        if remote is not None:
+            shutil.rmtree(target / "demo-run")
+            print(f"Deleted {target / 'demo-run'}, as on a new machine: run 2 must resume from {remote}.")
         print("Run 2: same run_name, autoresume=True, train to 4 epochs.")
-        trainer, exports, full, losses, start = _demo_trainer(target, "4ep")
+        trainer, exports, full, losses, start = _demo_trainer(target, "4ep", remote, storage_options)
         trainer.fit()
         resumed = Path(trainer.state.resumed_from or "nothing").name
         last = trainer.state.timestamp
@@ -116,12 +137,17 @@ def run_demo(folder: Path | None = None) -> int:
              ["full checkpoints kept", ", ".join(Path(p).name for p in full.saved_checkpoints)],
              ["weights-only exports", ", ".join(Path(p).name for p in exports.saved_checkpoints)]],
         )
+        if remote is not None:
+            print(f"\nIn the store ({remote}):")
+            stored = list_checkpoints(remote, storage_options=storage_options)
+            _table(["checkpoint", "size", "latest"], [[c.name, str(c.size), "yes" if c.latest else ""] for c in stored])
         if start.timestamp != first or len(losses) != last.batch - first.batch or not math.isfinite(losses[-1]):
             print("the resumed run did not continue from the saved step", file=sys.stderr)
             return 1
         print(f"\nDone in {time.perf_counter() - started:.1f} s.")
-        if folder is not None:
-            print(f"See what was saved with: ckpt-callbacks ls {target / 'demo-run'}")
+        if folder is not None or remote is not None:
+            where = " ".join([str(target / "demo-run")] * (folder is not None) + [remote] * (remote is not None))
+            print(f"See what was saved with: ckpt-callbacks ls {where}")
         return 0
     finally:
         if folder is None:

@@ -237,7 +237,7 @@ def export_weights(
         "export_dtype": dtype, "stripped_prefixes": list(stripped),
     })
     payload = weights if bare and not fmt.tensors_only else {"state": {"model": weights, "metadata": metadata}}
-    makedirs_durable(out.parent if str(out.parent) else Path("."))
+    makedirs_durable(out.parent)
     with atomic_write(out, overwrite=overwrite) as target:
         write_state(payload, target.file, fmt, compression_level)
     tensors = [value for value in weights.values() if isinstance(value, torch.Tensor)]

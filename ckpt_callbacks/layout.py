@@ -76,14 +76,17 @@ class Layout:
         except ValueError:
             return None
 
-    def check_conflicts(self, timestamp: Timestamp) -> None:
-        """Composer's ``overwrite=False`` rule: refuse a folder holding later checkpoints of this template.
+    def check_conflicts(self, timestamp: Timestamp, *, ignore: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+        """Composer's ``overwrite=False`` rule: refuse a folder holding later checkpoints of this
+        template (except the names in ``ignore``).
 
         Raises:
             CheckpointExistsError: naming the first conflicting checkpoint.
         """
         current = timestamp.format_variables()
         for name in scan_folder(self.folder, self.filename, self.fixed):
+            if name in ignore:
+                continue
             found = self.filename.parse(name, **self.fixed)
             if found is not None and is_later(found, current):
                 raise CheckpointExistsError(

@@ -15,8 +15,11 @@ checkpoints when they hold a DCP index or a Hugging Face ``trainer_state.json``.
 ``best``) symlinks and pointer files mark what they point at.
 
 In an object store (any URI :func:`~ckpt_callbacks.remote.open_store` opens) keys are listed under
-the prefix, sizes come from the store, formats from the names (downloading every object to sniff
-it would cost more than the listing is worth) and ``.symlink`` pointer objects mark their targets.
+the prefix and sizes come from the store. A saver's **manifest** (``<key>.manifest.json``, its
+remote commit marker) gives the timestamp, weights-only flag and save time; a checkpoint without
+one, next to others that have one, is marked uncommitted (an upload that never finished). Formats
+come from the names (downloading every object to sniff it would cost more than the listing is
+worth) and ``.symlink`` pointer objects mark their targets.
 """
 
 from __future__ import annotations
@@ -32,9 +35,10 @@ from typing import Any
 from ckpt_callbacks.codecs import checkpoint_format
 from ckpt_callbacks.errors import CheckpointError, CheckpointNotFoundError
 from ckpt_callbacks.inspection import METADATA_KEY, identify, safetensors_header
-from ckpt_callbacks.locations import POINTER_SUFFIX, is_uri
+from ckpt_callbacks.locations import is_uri
 from ckpt_callbacks.record import FOLDER_METADATA, CheckpointInfo, CheckpointRecord
 from ckpt_callbacks.remote import open_store
+from ckpt_callbacks.remote.publisher import MANIFEST_SUFFIX, POINTER_SUFFIX
 from ckpt_callbacks.serialization import read_state
 from ckpt_callbacks.sharded import is_sharded_checkpoint
 from ckpt_callbacks.storage import POINTER_MAGIC, resolve_latest
@@ -76,11 +80,13 @@ class ListedCheckpoint:
         batch: The batch (optimizer step) it was saved at, if known.
         weights_only: Whether it holds the model weights only (None: unknown).
         pointers: The ``latest``/``best`` links or ``.symlink`` objects pointing at it.
-        source: Where the facts came from: ``'record'``, ``'metadata'`` or ``'name'``.
+        source: Where the facts came from: ``'record'``, ``'manifest'``, ``'metadata'`` or ``'name'``.
         seq: The saver's save sequence number (record or metadata).
         saved_at: Wall-clock time of the save (seconds since the epoch), else the file's mtime.
         run_name: The run that wrote it, if known.
         timestamp: The full training timestamp, if known.
+        committed: In a store: whether the saver's manifest (its remote commit marker) exists;
+            None where no manifests are written (Composer, copies made by hand) and for local files.
 
     Example:
         >>> ListedCheckpoint("ep1.pt", "runs", "local", "torch", 1024, 1, 10, pointers=["latest.pt"]).latest
@@ -101,6 +107,7 @@ class ListedCheckpoint:
     saved_at: float | None = None
     run_name: str | None = None
     timestamp: dict[str, Any] | None = None
+    committed: bool | None = None
 
     @property
     def latest(self) -> bool:
@@ -114,6 +121,7 @@ class ListedCheckpoint:
             "size": self.size, "epoch": self.epoch, "batch": self.batch, "weights_only": self.weights_only,
             "latest": self.latest, "pointers": self.pointers, "source": self.source, "seq": self.seq,
             "saved_at": self.saved_at, "run_name": self.run_name, "timestamp": self.timestamp,
+            "committed": self.committed,
         }
 
 
@@ -282,8 +290,11 @@ def _list_remote(url: str, storage_options: Mapping[str, Any] | None) -> list[Li
             elif base == HF_MARKER:
                 folders.setdefault(folder, "folder")
         found: dict[str, ListedCheckpoint] = {}
-        pointers = []
+        pointers, manifests = [], []
         for key in keys:
+            if key.endswith(MANIFEST_SUFFIX):
+                manifests.append(key)
+                continue
             owner = next((f for f in folders if key.startswith(f + "/") or f == ""), None)
             info = store.info(key)
             size = info.size if info is not None else 0
@@ -296,6 +307,9 @@ def _list_remote(url: str, storage_options: Mapping[str, Any] | None) -> list[Li
                 pointers.append(key)
             elif not base.startswith(".") and (label := _remote_format(base)) is not None:
                 found[key] = ListedCheckpoint(key, url, "remote", label, size)
+        for listed in found.values():
+            listed.epoch, listed.batch = counters_from_name(listed.name)
+        _apply_manifests(store, manifests, found)
         for key in pointers:
             for target in _pointer_candidates(store.read_bytes(key), key, store.url):
                 if target in found:
@@ -303,9 +317,28 @@ def _list_remote(url: str, storage_options: Mapping[str, Any] | None) -> list[Li
                     break
     finally:
         store.close()
-    for listed in found.values():
-        listed.epoch, listed.batch = counters_from_name(listed.name)
     return list(found.values())
+
+
+def _apply_manifests(store: Any, manifests: list[str], found: dict[str, ListedCheckpoint]) -> None:
+    """Facts from the savers' manifests (the remote commit markers); without one a checkpoint is
+    uncommitted, when the savers of that folder write manifests at all."""
+    folders_with_manifests = set()
+    for key in manifests:
+        name = key[: -len(MANIFEST_SUFFIX)]
+        folders_with_manifests.add(name.rpartition("/")[0])
+        if name not in found:
+            continue
+        try:
+            manifest = json.loads(store.read_bytes(key))
+        except (CheckpointError, ValueError):
+            continue  # an unreadable manifest commits nothing
+        if isinstance(manifest, Mapping):
+            listed = _from_metadata(found[name], manifest)
+            found[name] = replace(listed, source="manifest", committed=True)
+    for name, listed in found.items():
+        if listed.committed is None and name.rpartition("/")[0] in folders_with_manifests:
+            listed.committed = False
 
 
 def _pointer_candidates(content: bytes, pointer: str, url: str) -> list[str]:

@@ -20,39 +20,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from ckpt_callbacks import dist
-from ckpt_callbacks.errors import CheckpointNotFoundError, CorruptCheckpointError
+from ckpt_callbacks.errors import CorruptCheckpointError
 from ckpt_callbacks.serialization import apply_ignore_keys, check_ignore_keys, read_state, verify_file
 from ckpt_callbacks.sharded import is_sharded_checkpoint, load_sharded, verify_sharded
 from ckpt_callbacks.state import State, restore_rng_state
-from ckpt_callbacks.storage import resolve_latest
+from ckpt_callbacks.locations import local_checkpoint
 
 if TYPE_CHECKING:
     from ckpt_callbacks.manager import CheckpointManager
 
-__all__ = ["find_resume_checkpoint", "load_checkpoint", "resolve_checkpoint_path"]
+__all__ = ["find_resume_checkpoint", "load_checkpoint"]
 
 log = logging.getLogger(__name__)
-
-
-def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
-    """Follow a ``latest`` symlink or pointer file to the checkpoint it names.
-
-    Raises:
-        CheckpointNotFoundError: nothing at ``path``, or a ``latest`` pointing at a missing file.
-
-    Example:
-        >>> resolve_checkpoint_path("runs/exp1/checkpoints/latest-rank0.pt")  # doctest: +SKIP
-        PosixPath('runs/exp1/checkpoints/ep2-ba10-rank0.pt')
-    """
-    text = os.fspath(path)
-    if "://" in text:
-        raise NotImplementedError(f"loading from {text!r} (a remote URI) arrives with issue #4 (remote object stores)")
-    target = resolve_latest(Path(text))
-    if target is None:
-        raise CheckpointNotFoundError(f"no checkpoint at {text}")
-    if not target.exists():
-        raise CheckpointNotFoundError(f"{text} points at {target}, which does not exist")
-    return target
 
 
 def load_checkpoint(
@@ -67,13 +46,15 @@ def load_checkpoint(
     """Load the checkpoint at ``path`` into ``state`` and return the decoded checkpoint.
 
     Args:
-        path: a checkpoint file (plain or compressed), or a ``latest`` link or pointer file.
+        path: a checkpoint file (any format) or folder, a ``latest`` link or pointer file, or a URI
+            of a checkpoint or of a remote ``.symlink`` pointer.
         state: the training state to restore.
         weights_only: take only the model weights (e.g. to fine-tune from a full checkpoint).
         strict: require the model's keys to match the checkpoint's exactly.
         ignore_keys: globs (``'state/optimizers'``, ``'rng'``) or a callable removing parts of the
             checkpoint before it is restored.
-        storage_options: options of a remote store (issue #4).
+        storage_options: credentials and endpoint of a remote store (``path`` a URI such as
+            ``s3://bucket/run/ba100.pt`` or a ``.symlink`` pointer object; downloaded to a temp file).
 
     Raises:
         CheckpointNotFoundError: nothing at ``path``.
@@ -83,9 +64,13 @@ def load_checkpoint(
     Example:
         >>> load_checkpoint("runs/exp1/checkpoints/latest-rank0.pt", trainer.state)  # doctest: +SKIP
     """
-    if storage_options is not None:
-        raise NotImplementedError("storage_options arrive with issue #4 (remote object stores)")
-    target = resolve_checkpoint_path(path)
+    with local_checkpoint(path, storage_options=storage_options) as target:
+        return _load_local(target, state, weights_only=weights_only, strict=strict, ignore_keys=ignore_keys)
+
+
+def _load_local(
+    target: Path, state: State, *, weights_only: bool, strict: bool, ignore_keys: Any
+) -> dict[str, Any]:
     if is_sharded_checkpoint(target):
         checkpoint = load_sharded(target, state, weights_only=weights_only, strict=strict)
         _restore_extras(checkpoint, state, ignore_keys, weights_only, target)

@@ -1,7 +1,7 @@
 """What a checkpoint location on the command line points at, and fetching remote ones.
 
 A location is a local path or a URI (``s3://bucket/runs/ep1.pt``, ``file:///mnt/ckpt/x``,
-``memory://...``). Local paths go through :func:`~ckpt_callbacks.loader.resolve_checkpoint_path`
+``memory://...``). Local paths go through :func:`resolve_checkpoint_path`
 (a ``latest`` symlink or pointer file leads to its target). A URI is resolved by
 :class:`RemoteLocations` against the store that :func:`~ckpt_callbacks.remote.open_store` opens
 for its parent prefix, in this order:
@@ -34,15 +34,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ckpt_callbacks.errors import CheckpointExistsError, CheckpointNotFoundError, ConfigurationError, bad_value
-from ckpt_callbacks.loader import resolve_checkpoint_path
 from ckpt_callbacks.progress import Progress
 from ckpt_callbacks.remote import RemoteStore, open_store
-from ckpt_callbacks.storage import fsync_dir, makedirs_durable, remove_checkpoint, temp_path_for
+from ckpt_callbacks.remote.publisher import POINTER_SUFFIX
+from ckpt_callbacks.storage import fsync_dir, makedirs_durable, remove_checkpoint, resolve_latest, temp_path_for
 
-__all__ = ["POINTER_SUFFIX", "RemoteLocations", "RemoteTarget", "is_uri", "local_checkpoint", "split_uri"]
-
-POINTER_SUFFIX = ".symlink"
-"""Names of remote pointer objects end with this (Composer's ``latest_remote_file_name``)."""
+__all__ = ["RemoteLocations", "RemoteTarget", "is_uri", "local_checkpoint", "resolve_checkpoint_path", "split_uri"]
 
 _MAX_POINTER_HOPS = 8
 _MAX_POINTER_BYTES = 4096
@@ -268,6 +265,25 @@ def _replace_folder(temp: Path, final: Path) -> None:
     else:
         os.rename(temp, final)
     fsync_dir(final.parent)
+
+
+def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
+    """Follow a ``latest`` symlink or pointer file to the checkpoint it names.
+
+    Raises:
+        CheckpointNotFoundError: nothing at ``path``, or a ``latest`` pointing at a missing file.
+
+    Example:
+        >>> resolve_checkpoint_path("runs/exp1/checkpoints/latest-rank0.pt")  # doctest: +SKIP
+        PosixPath('runs/exp1/checkpoints/ep2-ba10-rank0.pt')
+    """
+    text = os.fspath(path)
+    target = resolve_latest(Path(text))
+    if target is None:
+        raise CheckpointNotFoundError(f"no checkpoint at {text}")
+    if not target.exists():
+        raise CheckpointNotFoundError(f"{text} points at {target}, which does not exist")
+    return target
 
 
 @contextmanager

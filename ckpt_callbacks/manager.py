@@ -26,7 +26,6 @@ Example, without our Trainer or events::
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import logging
@@ -39,11 +38,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 
 from ckpt_callbacks import dist
-from ckpt_callbacks.capture import Captured, Capturer
+from ckpt_callbacks.capture import Captured, Capturer, Payload
 from ckpt_callbacks.codecs import checkpoint_format
 from ckpt_callbacks.errors import ConfigurationError, bad_value
 from ckpt_callbacks.executors import executor_for
+from ckpt_callbacks.folders import commit_folder
 from ckpt_callbacks.layout import FOLDER_VARIABLES, Layout
+from ckpt_callbacks.manager_store import StoreSide
 from ckpt_callbacks.record import (
     CheckpointInfo, CheckpointRecord, folder_files, metric_values, metrics_at_save,
 )
@@ -70,7 +71,7 @@ log = logging.getLogger(__name__)
 RANK_MODES = ("rank0", "per_rank", "sharded")
 
 
-class CheckpointManager:
+class CheckpointManager(StoreSide):
     """Writes, publishes, prunes and finds the checkpoints of one saver on one rank.
 
     Args:
@@ -181,7 +182,10 @@ class CheckpointManager:
         sweep_stale_temp_files(self.folder)
         self.reconcile()
         if not self.overwrite:
-            self.layout.check_conflicts(timestamp)
+            # A resumed run continues this saver's own lineage: what it recorded is not a conflict
+            # (an export saved after a batch checkpoint may carry a later epoch than the resume point).
+            ours = {c.name for c in self.record.checkpoints} if resumed_from is not None else set()
+            self.layout.check_conflicts(timestamp, ignore=ours)
         self._resumed_from = None if resumed_from is None else self.layout.relative(Path(resumed_from))
         self.record.start_lineage(self._resumed_from)
         self.record.save()
@@ -252,15 +256,17 @@ class CheckpointManager:
     # ------------------------------------------------------------------ the pipeline
 
     def save(
-        self, timestamp: Timestamp, state: State | Mapping[str, Any], *, score: float | Mapping[str, float] | None = None
+        self, timestamp: Timestamp, state: Payload, *, score: float | Mapping[str, float] | None = None
     ) -> Future:
         """Save ``state`` as of ``timestamp``; returns a future of the :class:`CheckpointInfo`.
 
         The checkpoint is recorded with the state's metrics if they were measured at its batch, plus
         ``score`` (a number is the metric ``'score'``, a dict adds metrics by name), for ``KeepBest``.
 
-        ``state`` is a :class:`State` (full or weights-only checkpoint, as configured) or a plain
-        dict saved as the checkpoint's ``state``. Every rank calls this; ranks that write nothing
+        ``state`` is a :class:`State` (full or weights-only checkpoint, as configured), a plain
+        dict saved as the checkpoint's ``state``, or a trainer's own checkpoint
+        (:class:`~ckpt_callbacks.capture.NativeCheckpoint`, :class:`~ckpt_callbacks.capture.FolderCheckpoint`).
+        Every rank calls this; ranks that write nothing
         get ``None``. In sync mode the future is already done. If any rank fails, every rank's
         future raises the same :class:`~ckpt_callbacks.errors.CheckpointError` naming it.
         """
@@ -287,6 +293,8 @@ class CheckpointManager:
         finally:
             if captured.spill is not None:
                 captured.spill.cleanup()
+            if captured.folder is not None:
+                remove_checkpoint(captured.folder)  # gone already once committed
         dist.raise_if_any_failed(error, action=f"saving the checkpoint at {timestamp}")
         return info
 
@@ -296,15 +304,17 @@ class CheckpointManager:
         checkpoint = captured.checkpoint
         name = self.layout.name(timestamp)
         path = self.folder / name
-        if self.sharded:
+        if captured.folder is not None:
+            size = commit_folder(captured.folder, path, self.format, self.compression_level)
+        elif self.sharded:
             size = write_sharded_checkpoint(path, captured.tensors, checkpoint, self._write_file)
         elif checkpoint is not None:
             size = self._write_file(path, checkpoint)
-        if checkpoint is None:
+        if checkpoint is None and captured.folder is None:
             if self.remote is not None and captured.tensors is not None:
                 self.remote.upload(None, path, timestamp, {})
             return None
-        metadata = checkpoint["state"].get("metadata", {})
+        metadata = captured.metadata
         info = CheckpointInfo(
             seq=metadata.get("save_sequence", self.record.next_seq - 1),
             name=name,
@@ -404,63 +414,6 @@ class CheckpointManager:
     def remember(self, callback_state: Mapping[str, Any]) -> None:
         """Take the record entries stored in a resumed checkpoint's callback state (merged at :meth:`start`)."""
         self._remembered = [CheckpointInfo.from_json(item) for item in callback_state.get("checkpoints", [])]
-
-    # ------------------------------------------------------------------ the store
-
-    def _open_remote(self) -> RemoteTarget:
-        return RemoteTarget(
-            self.remote_config, fixed=self.layout.fixed, rank_info=self.rank_info, ranks=self.ranks,
-            overwrite=self.overwrite, saver=self.key, run_name=self.run_name, on_confirmed=self._confirmed,
-        )
-
-    def _manifest_metadata(self, info: CheckpointInfo) -> dict[str, Any]:
-        return {
-            "saver": self.key, "run_name": self.run_name, "save_sequence": info.seq,
-            "timestamp": info.timestamp.state_dict(), "lineage": info.lineage, "saved_at": info.saved_at,
-            "weights_only": info.weights_only, "ranks": self.ranks, "world_size": self.rank_info.world_size,
-        }
-
-    def _confirmed(self, info: CheckpointInfo) -> None:
-        """Called by the publisher once ``info`` is committed in the store: mark it, prune again."""
-        with self._lock:
-            current = self.record.find(info.name)
-            if current is not None and current.seq == info.seq:
-                self.record.add(dataclasses.replace(current, uploaded=True))
-                self.record.save()
-            self._prune()
-        if self.remote is not None:
-            self.remote.prune(set())
-
-    def _reupload_stranded(self) -> None:
-        """Hand checkpoints that a crash left committed locally but not in the store to the uploader."""
-        if self.remote is None:
-            return
-        for info in [c for c in self.all() if not c.uploaded]:
-            log.info("re-uploading %s, which an earlier run did not finish uploading", self.path_of(info))
-            self.remote.upload(info, self.path_of(info), info.timestamp, self._manifest_metadata(info))
-
-    def fetch_from_store(self) -> None:
-        """Download the checkpoint the store's pointer names when none is on disk (a new machine,
-        a deleted folder), so that autoresume finds it; nothing when there is no pointer."""
-        if self.remote_config is None or self.all():
-            return
-        if self.remote is None:
-            self.remote = self._open_remote()
-        makedirs_durable(self.folder)
-        if self.remote.fetch_latest(self.folder) is not None:
-            self.reconcile()
-            with self._lock:
-                self.record.checkpoints = [dataclasses.replace(c, uploaded=True) for c in self.record.checkpoints]
-                self.record.save()
-
-    def upload_errors(self) -> list[Exception]:
-        """Upload failures since the last call (empty without a remote)."""
-        return list(self.remote.poll_errors()) if self.remote is not None else []
-
-    def wait_uploads(self) -> None:
-        """Block until every checkpoint handed to the uploader is committed in the store or failed."""
-        if self.remote is not None:
-            self.remote.wait()
 
     def reconcile(self) -> None:
         """Bring the record in line with the disk: forget vanished files, adopt our unrecorded ones."""

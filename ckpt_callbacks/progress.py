@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 from types import TracebackType
-from typing import TextIO
+from typing import Any, TextIO
 
 __all__ = ["Progress", "TqdmCallback"]
 
@@ -56,6 +56,9 @@ class Progress:
 class TqdmCallback(Progress):
     """A tqdm bar in bytes (size, rate, ETA), shown only when the stream is a terminal.
 
+    The bar appears at the first report, so an operation that reports nothing (a local file
+    that needs no download) draws nothing.
+
     Args:
         description: The bar's label.
         file: Where the bar goes (default: stderr, so stdout stays clean for data).
@@ -72,33 +75,41 @@ class TqdmCallback(Progress):
         if enabled is None:
             isatty = getattr(self._file, "isatty", None)
             enabled = bool(isatty and isatty())
-        self._bar = None
-        if enabled:
-            # Imported here: tqdm is needed only when a bar is actually drawn.
-            from tqdm import tqdm
-
-            self._bar = tqdm(
-                desc=description, file=self._file, unit="B", unit_scale=True, unit_divisor=1024,
-                dynamic_ncols=True, leave=False,
-            )
+        self._enabled = enabled
+        self._description = description
+        self._bar: Any = None
 
     @property
     def enabled(self) -> bool:
         """Whether a bar is drawn."""
-        return self._bar is not None
+        return self._enabled
+
+    def _drawn(self) -> Any:
+        if self._bar is None and self._enabled:
+            # Imported here: tqdm is needed only when a bar is actually drawn.
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                desc=self._description, file=self._file, unit="B", unit_scale=True, unit_divisor=1024,
+                dynamic_ncols=True, leave=False,
+            )
+        return self._bar
 
     def set_total(self, total: int | None) -> None:
         """Announce the total, so the bar can show a percentage and an ETA."""
-        if self._bar is not None:
-            self._bar.reset(total=total)
+        bar = self._drawn()
+        if bar is not None:
+            bar.reset(total=total)
 
     def update(self, done: int) -> None:
         """Advance the bar by ``done`` bytes."""
-        if self._bar is not None:
-            self._bar.update(done)
+        bar = self._drawn()
+        if bar is not None:
+            bar.update(done)
 
     def set_description(self, text: str) -> None:
         """Relabel the bar."""
+        self._description = text
         if self._bar is not None:
             self._bar.set_description_str(text)
 

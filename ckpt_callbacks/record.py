@@ -9,6 +9,7 @@ the last committed in the newest lineage, not the highest step counter), and ``l
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import numbers
@@ -19,6 +20,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ckpt_callbacks.archive import copy_member
+from ckpt_callbacks.decoding import open_decoded
 from ckpt_callbacks.errors import ConfigurationError, CorruptCheckpointError, bad_value
 from ckpt_callbacks.naming import NameTemplate
 from ckpt_callbacks.serialization import read_state
@@ -26,7 +29,7 @@ from ckpt_callbacks.storage import atomic_write, is_temp_name
 from ckpt_callbacks.time import Timestamp
 
 __all__ = [
-    "FOLDER_METADATA", "SCORE_METRIC", "CheckpointInfo", "CheckpointRecord", "Lineage", "folder_files",
+    "FOLDER_METADATA", "NATIVE_METADATA_KEY", "SCORE_METRIC", "CheckpointInfo", "CheckpointRecord", "Lineage", "folder_files",
     "metric_values", "metrics_at_save", "scan_folder",
 ]
 
@@ -265,7 +268,12 @@ def scan_folder(folder: Path, template: NameTemplate, fixed: dict[str, Any]) -> 
 
 
 FOLDER_METADATA = "ckpt_callbacks.json"
-"""The metadata file inside a checkpoint that is a folder (a sharded checkpoint)."""
+"""The metadata file inside a checkpoint that is a folder (a sharded checkpoint, a trainer's folder),
+also inside the tar that bundles such a folder."""
+
+NATIVE_METADATA_KEY = "ckpt_callbacks"
+"""The reserved top-level key holding our metadata in a trainer's native checkpoint dict (Lightning's),
+which is saved as the whole file so that the trainer's own loader resumes from it."""
 
 
 def folder_files(checkpoint: Path, folder: Path) -> tuple[str, ...]:
@@ -281,7 +289,18 @@ def folder_files(checkpoint: Path, folder: Path) -> tuple[str, ...]:
 def _read_metadata(path: Path) -> dict[str, Any]:
     if path.is_dir():
         return json.loads((path / FOLDER_METADATA).read_text())
-    return read_state(path)["state"]["metadata"]
+    with open_decoded(path) as decoded:
+        if decoded.kind == "tar":
+            try:  # a bundled folder; a state-dict tar has no such member and is read below
+                found = io.BytesIO()
+                copy_member(decoded.stream, found, source=path, names=(FOLDER_METADATA,))
+                return json.loads(found.getvalue())
+            except CorruptCheckpointError:
+                pass
+    checkpoint = read_state(path)
+    if NATIVE_METADATA_KEY in checkpoint:
+        return checkpoint[NATIVE_METADATA_KEY]
+    return checkpoint["state"]["metadata"]
 
 
 def _adopt(folder: Path, name: str, *, saver: str, run_name: str) -> CheckpointInfo | None:

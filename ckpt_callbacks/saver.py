@@ -13,22 +13,23 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
-import uuid
 import warnings
-from numbers import Real
 from typing import Any, Callable, Mapping, Sequence
 
 from ckpt_callbacks import dist
-from ckpt_callbacks.codecs import Codec, checkpoint_format
-from ckpt_callbacks.errors import ConfigurationError, InvalidTemplateError, bad_value
+from ckpt_callbacks.codecs import checkpoint_format
+from ckpt_callbacks.errors import CheckpointError, ConfigurationError, InvalidTemplateError, bad_value
 from ckpt_callbacks.events import Callback, Event
 from ckpt_callbacks.intervals import create_save_policy
 from ckpt_callbacks.layout import FOLDER_VARIABLES
 from ckpt_callbacks.manager import RANK_MODES, CheckpointManager
 from ckpt_callbacks.naming import NameTemplate
+from ckpt_callbacks.preemption import WATCH, check_signals, checkpoint_and_hand_over
 from ckpt_callbacks.remote.target import RemoteConfig
 from ckpt_callbacks.retention import RetentionPolicy, check_best_filename, retention_from_arguments
+from ckpt_callbacks.saver_args import (
+    FAILURE_MODES, check_bool, check_failure_modes, check_level, check_shutdown_timeout, check_uploads, staging_folder,
+)
 from ckpt_callbacks.serialization import check_ignore_keys
 from ckpt_callbacks.state import State
 from ckpt_callbacks.time import Time
@@ -36,7 +37,7 @@ from ckpt_callbacks.time import Time
 __all__ = ["CheckpointSaver"]
 
 SAVE_MODES = ("sync", "async")
-UPLOAD_ERROR_MODES = ("raise", "warn")
+UPLOAD_ERROR_MODES = FAILURE_MODES
 
 
 class CheckpointSaver(Callback):
@@ -96,7 +97,17 @@ class CheckpointSaver(Callback):
             only), moved atomically like ``latest`` to the best checkpoint by the metric of the
             ``KeepBest`` in ``retention``; ``None`` (default) for none.
         shutdown_timeout: at close or an abnormal exit, how long to keep draining uploads before
-            reporting which checkpoints were not uploaded.
+            reporting which checkpoints were not uploaded; also the bound on the save and the drain
+            after a watched signal.
+        save_on_signals: signals announcing preemption, e.g. ``('SIGTERM', 'SIGUSR1')``: at the end of
+            the batch in progress a checkpoint is saved and uploads drained, then the signal is
+            handed to its previous handler (:mod:`ckpt_callbacks.preemption`). Empty (default): none.
+        on_save_error: ``'raise'`` (a failed save, e.g. a full disk, stops training with its
+            :class:`~ckpt_callbacks.errors.CheckpointError`) or ``'warn'`` (training goes on; the
+            previous checkpoint and ``latest`` stay as they were).
+        max_unuploaded_checkpoints: with ``on_upload_error='warn'``, how many checkpoints not yet in
+            the store are kept beyond the retention policy (older ones are pruned with a warning,
+            so a dead store cannot fill the disk); ``None``: no cap.
 
     Raises:
         ConfigurationError: a bad argument, naming it, its value and what is accepted.
@@ -133,8 +144,11 @@ class CheckpointSaver(Callback):
         on_upload_error: str = "raise",
         best_filename: str | os.PathLike | None = None,
         shutdown_timeout: float = 300,
+        save_on_signals: Sequence[str | int] = (),
+        on_save_error: str = "raise",
+        max_unuploaded_checkpoints: int | None = 8,
     ) -> None:
-        folder, remote, self._staging = _staging_folder(folder, remote)
+        folder, remote, self._staging = staging_folder(folder, remote)
         self.folder = NameTemplate(folder, argument="folder", allowed=FOLDER_VARIABLES, relative=False)
         self.filename = NameTemplate(filename, argument="filename")
         self.format = checkpoint_format(self.filename.template, argument="filename")
@@ -147,28 +161,31 @@ class CheckpointSaver(Callback):
         if self.best_filename and self.latest_filename and self.best_filename.template == self.latest_filename.template:
             raise ConfigurationError(bad_value("best_filename", "a name other than latest_filename", best_filename))
         self.ignore_keys = check_ignore_keys(ignore_keys)
-        self.weights_only = _check_bool("weights_only", weights_only)
+        self.weights_only = check_bool("weights_only", weights_only)
         if self.format.tensors_only and not self.weights_only:
             raise ConfigurationError(bad_value(
                 "weights_only", f"True for filename={self.filename.template!r}: "
                 f"{self.format.extension} holds tensors only, not a training state", weights_only,
             ))  # fmt: skip
-        self.overwrite = _check_bool("overwrite", overwrite)
-        _check_uploads(num_concurrent_uploads, upload_timeout_in_seconds, storage_options, on_upload_error)
-        if shutdown_timeout is None or isinstance(shutdown_timeout, bool) or not isinstance(shutdown_timeout, Real) \
-                or shutdown_timeout < 0:
-            raise ConfigurationError(bad_value("shutdown_timeout", "a number of seconds >= 0", shutdown_timeout))
+        self.overwrite = check_bool("overwrite", overwrite)
+        check_uploads(num_concurrent_uploads, upload_timeout_in_seconds, storage_options, on_upload_error)
+        shutdown_timeout = check_shutdown_timeout(shutdown_timeout)
         self.remote = self._remote_config(
             remote, remote_file_name, latest_remote_file_name, storage_options, remote_retention,
             num_concurrent_uploads=num_concurrent_uploads, upload_timeout=float(upload_timeout_in_seconds),
             shutdown_timeout=float(shutdown_timeout),
         )
         self.on_upload_error = on_upload_error
+        self.shutdown_timeout = float(shutdown_timeout)
+        self.save_on_signals = check_signals(save_on_signals)
+        check_failure_modes(on_save_error, max_unuploaded_checkpoints)
+        self.on_save_error = on_save_error
+        self.max_unuploaded_checkpoints = max_unuploaded_checkpoints
         if save_mode not in SAVE_MODES:
             raise ConfigurationError(bad_value("save_mode", "'sync' or 'async'", save_mode))
         if ranks not in RANK_MODES:
             raise ConfigurationError(bad_value("ranks", "'rank0', 'per_rank' or 'sharded'", ranks))
-        self.compression_level = _check_level(compression_level, self.format.codec)
+        self.compression_level = check_level(compression_level, self.format.codec)
         if not self.filename.has_counter:
             warnings.warn(
                 f"filename={self.filename.template!r} has no counter variable ({{epoch}}, {{batch}}, ...): "
@@ -216,6 +233,7 @@ class CheckpointSaver(Callback):
             best_filename=None if self.best_filename is None else self.best_filename.template,
             remote=self.remote,
             save_mode=self.save_mode,
+            max_unuploaded=self.max_unuploaded_checkpoints if self.on_upload_error == "warn" else None,
         )
         if self._resumed_state is not None:
             self.manager.remember(self._resumed_state)
@@ -229,6 +247,7 @@ class CheckpointSaver(Callback):
         try:
             self._check_rank_in_names()
             self._manager.start(state.timestamp, resumed_from=state.resumed_from)
+            WATCH.watch(self, self.save_on_signals)
         except Exception as failure:  # noqa: BLE001 -- reported to every rank, then raised
             error = failure
         dist.raise_if_any_failed(error, action=f"preparing {self._manager.folder} for {self.filename.template!r}")
@@ -255,7 +274,10 @@ class CheckpointSaver(Callback):
 
     def fit_end(self, state: State) -> None:
         """Wait until every checkpoint is durable, locally and in the store, and report failures."""
-        self._manager.wait()
+        try:
+            self._manager.wait()
+        except CheckpointError as error:
+            self._tolerate(error)
         self._manager.wait_uploads()
         self._report_upload_errors()
 
@@ -267,6 +289,7 @@ class CheckpointSaver(Callback):
         finally:
             if self._staging is not None:
                 shutil.rmtree(self._staging, ignore_errors=True)
+            WATCH.unwatch(self)  # the last watcher hands over a signal that came after the last batch
 
     def state_dict(self) -> dict[str, Any]:
         """The saver's record, so a resumed run knows (and prunes) what earlier runs saved."""
@@ -303,7 +326,10 @@ class CheckpointSaver(Callback):
         """Raise a failed background save, then report upload failures (``on_upload_error``)."""
         if self.manager is None:
             return
-        self.manager.raise_if_failed()
+        try:
+            self.manager.raise_if_failed()
+        except CheckpointError as error:
+            self._tolerate(error)
         for error in self.manager.upload_errors():
             if self.on_upload_error == "raise":
                 raise error
@@ -317,14 +343,33 @@ class CheckpointSaver(Callback):
 
     def _maybe_save(self, state: State, event: Event) -> None:
         batch = state.timestamp.batch
-        if batch == self.last_checkpoint_batch:
+        fresh = batch != self.last_checkpoint_batch
+        if not fresh and not self.save_on_signals:
             return
-        if not dist.decide(lambda: bool(self.save_interval.should_save(state, event))):
-            return
-        self.last_checkpoint_batch = batch
-        self._manager.save(state.timestamp, state)
-        if self.save_mode == "sync":
-            self._manager.wait()
+        # One broadcast answers both questions: rank 0's interval and the signal rank 0 received.
+        signum, due = dist.decide(
+            lambda: (WATCH.requested(self), fresh and bool(self.save_interval.should_save(state, event)))
+        )
+        if fresh and (due or signum is not None):
+            self.last_checkpoint_batch = batch
+            try:
+                self._manager.save(state.timestamp, state)
+                if self.save_mode == "sync":
+                    self._manager.wait()
+            except CheckpointError as error:
+                self._tolerate(error)
+            if signum is None and self.save_on_signals:  # a signal that came during this save
+                signum = dist.decide(lambda: WATCH.requested(self))
+        if signum is not None:
+            waits = (self._manager.wait, self._manager.wait_uploads)
+            checkpoint_and_hand_over(self, signum, waits, self.shutdown_timeout)
+
+    def _tolerate(self, error: CheckpointError) -> None:
+        """Raise a failed save's error, unless ``on_save_error='warn'`` (configuration errors always raise)."""
+        if self.on_save_error == "raise" or isinstance(error, ConfigurationError):
+            raise error
+        warnings.warn(f"saving a checkpoint failed; training goes on (on_save_error='warn'): {error}",
+                      UserWarning, stacklevel=4)
 
     def _check_rank_in_names(self) -> None:
         """Several ranks writing under one name would overwrite each other's files."""
@@ -367,41 +412,3 @@ class CheckpointSaver(Callback):
                     "give one another best_filename"
                 )
 
-
-def _staging_folder(folder: str | os.PathLike, remote: str | None) -> tuple[str | os.PathLike, str | None, str | None]:
-    """Composer's shorthand: a URI ``folder`` means local staging in a temp folder (removed at close)
-    and ``remote`` = that URI. Returns (local folder, remote, staging folder or None)."""
-    text = os.fspath(folder)
-    if "://" not in text:
-        return folder, remote, None
-    if remote is not None:
-        raise ConfigurationError(bad_value("remote", "None when 'folder' is a URI (the folder is the remote)", remote))
-    staging = os.path.join(tempfile.gettempdir(), f"ckpt-callbacks-staging-{uuid.uuid4().hex[:12]}")
-    return staging, text, staging
-
-
-def _check_bool(argument: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigurationError(bad_value(argument, "True or False", value))
-    return value
-
-
-def _check_level(level: object, codec: Codec | None) -> int | None:
-    if level is None:
-        return None
-    if codec is None:
-        raise ConfigurationError(
-            bad_value("compression_level", "None for an uncompressed filename (use e.g. '.pt.zst' to compress)", level)
-        )
-    return codec.check_level(level)
-
-
-def _check_uploads(concurrency: object, timeout: object, storage_options: object, on_error: object) -> None:
-    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-        raise ConfigurationError(bad_value("num_concurrent_uploads", "an int >= 1", concurrency))
-    if isinstance(timeout, bool) or not isinstance(timeout, Real) or timeout <= 0:
-        raise ConfigurationError(bad_value("upload_timeout_in_seconds", "a number of seconds > 0", timeout))
-    if storage_options is not None and not isinstance(storage_options, Mapping):
-        raise ConfigurationError(bad_value("storage_options", "None or a dict", storage_options))
-    if on_error not in UPLOAD_ERROR_MODES:
-        raise ConfigurationError(bad_value("on_upload_error", "'raise' or 'warn'", on_error))

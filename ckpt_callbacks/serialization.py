@@ -33,7 +33,6 @@ import json
 import os
 import pickle
 import re
-import shutil
 import tempfile
 import threading
 import warnings
@@ -48,6 +47,7 @@ import torch
 from torch.torch_version import TorchVersion
 
 from ckpt_callbacks import archive
+from ckpt_callbacks._streams import copy_overlapped
 from ckpt_callbacks.codecs import SNIFF_BYTES, CheckpointFormat, sniff
 from ckpt_callbacks.decoding import open_decoded
 from ckpt_callbacks.errors import ConfigurationError, CorruptCheckpointError, bad_value
@@ -235,7 +235,7 @@ def _payload(path: Path) -> Iterator[_Payload]:
                 while decoded.stream.read(_CHUNK):
                     pass
             else:
-                shutil.copyfileobj(decoded.stream, out, _CHUNK)
+                copy_overlapped(decoded.stream, out)
             out.flush()
             out.seek(0)
             kind = sniff(out.read(SNIFF_BYTES))

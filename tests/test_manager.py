@@ -65,7 +65,7 @@ def test_pointer_file_latest(tmp_path: Path) -> None:
     manager.save(Timestamp(batch=4), {"x": torch.tensor(4)})
     latest = tmp_path / "latest-rank0.pt"
     assert not latest.is_symlink() and latest.read_bytes().startswith(POINTER_MAGIC)
-    from ckpt_callbacks.loader import resolve_checkpoint_path
+    from ckpt_callbacks.locations import resolve_checkpoint_path
 
     assert resolve_checkpoint_path(latest) == tmp_path / "ba4.pt"
 

@@ -178,3 +178,18 @@ def test_load_path_fine_tuning_options(tmp_path: Path) -> None:
     latest = make_trainer(max_duration="1ba")
     load_checkpoint(tmp_path / "latest-rank0.pt", latest.state)
     assert latest.state.timestamp.batch == 3
+
+
+def test_resume_at_an_epoch_end_does_not_trip_over_the_exports_later_epoch(tmp_path: Path) -> None:
+    """The full checkpoint of an epoch's last batch is saved before the epoch is counted; the export
+    saved at the epoch checkpoint names the next epoch. Resuming must not call that a conflict."""
+    def savers():
+        return [full_saver(tmp_path / "full", save_interval="5ba"),
+                CheckpointSaver(str(tmp_path / "exports"), filename="ep{epoch}.pt", save_interval="1ep", weights_only=True)]
+
+    make_trainer(savers(), max_duration="1ep", autoresume=True).fit()
+    assert (tmp_path / "exports" / "ep1.pt").exists()
+    resumed = make_trainer(savers(), max_duration="2ep", autoresume=True)
+    resumed.fit()
+    assert Path(resumed.state.resumed_from).name == "ep0-ba5.pt"
+    assert resumed.state.timestamp.epoch == 2

@@ -97,3 +97,17 @@ def test_remote_arguments_without_remote_are_refused() -> None:
         CheckpointSaver(remote_file_name="x/{batch}.pt")
     with pytest.raises(ConfigurationError, match="remote"):
         CheckpointSaver(remote="not-a-url")
+
+
+def test_load_checkpoint_from_a_uri_and_a_remote_pointer(tmp_path: Path, remote) -> None:
+    from ckpt_callbacks import load_checkpoint
+
+    url, options = remote
+    trainer = make_trainer([saver(tmp_path / "local", url, options)], max_duration="4ba")
+    trainer.fit()
+    for location in (f"{url}/ba4.pt", f"{url}/latest-rank0.pt.symlink"):
+        fresh = make_trainer(max_duration="4ba")
+        load_checkpoint(location, fresh.state, storage_options=options)
+        assert fresh.state.timestamp.batch == 4
+        for key, tensor in weights(trainer).items():
+            assert torch.equal(weights(fresh)[key], tensor)
