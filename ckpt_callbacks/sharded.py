@@ -105,17 +105,18 @@ def write_sharded_checkpoint(
     if tensors is None:
         return 0 if checkpoint is None else write_file(path, checkpoint)
     temp = Path(dist.broadcast_object(str(temp_path_for(path)) if rank0 else None))
+    error = None
     try:
         write_sharded(temp, tensors, checkpoint or {}, checkpoint["state"]["metadata"] if checkpoint else {})
-        dist.barrier()
-        if not rank0:
-            return 0
-        _commit_folder(temp, path)
-    except BaseException:
+        if rank0:
+            _commit_folder(temp, path)
+    except Exception as failure:  # noqa: BLE001 -- reported to every rank below
+        error = failure
         if rank0:
             remove_checkpoint(temp)
-        raise
-    return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
+    # Every rank returns only once rank 0 has committed the folder (or learns that it failed).
+    dist.raise_if_any_failed(error, action=f"committing the sharded checkpoint {path}")
+    return sum(file.stat().st_size for file in path.rglob("*") if file.is_file()) if rank0 else 0
 
 
 def _commit_folder(temp: Path, final: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 import traceback
@@ -24,6 +25,8 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: 
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
     )
+    # A hung collective shows up in the test log as every thread's stack, not as a silent timeout.
+    faulthandler.dump_traceback_later(TIMEOUT_SECONDS - 30, exit=True)
     torch_dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         results.put((rank, "ok", fn(*args)))

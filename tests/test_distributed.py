@@ -197,3 +197,45 @@ def test_ddp_with_distributed_sampler_resumes_exactly(tmp_path: Path) -> None:
     resumed = values(run(2, _ddp_run, str(tmp_path), "2ep"))
     assert [r["resumed_from"] for r in resumed] == ["ep1-ba2.pt", "ep1-ba2.pt"]
     assert resumed[0]["weights"] == straight[0]["weights"] == resumed[1]["weights"]
+
+
+def _per_rank_remote_run(folder: str, url: str, options) -> list[str]:
+    saver = CheckpointSaver(folder, filename="ba{batch}-rank{rank}.pt", save_interval="2ba", ranks="per_rank",
+                            remote=url, storage_options=options)
+    make_trainer([saver], max_duration="2ba").fit()
+    return sorted(Path(p).name for p in saver.saved_checkpoints)
+
+
+def test_per_rank_mode_uploads_every_rank_then_commits_once(tmp_path: Path, moto_bucket) -> None:
+    import json
+
+    from ckpt_callbacks.remote import open_store
+
+    url, options = moto_bucket.url("runs"), moto_bucket.storage_options()
+    values(run(2, _per_rank_remote_run, str(tmp_path), url, options))
+    store = open_store(url, options)
+    manifest = json.loads(store.read_bytes("ba2-rank0.pt.manifest.json"))
+    assert sorted(item["key"] for item in manifest["objects"]) == ["ba2-rank0.pt", "ba2-rank1.pt"]
+    assert all(item["checksum"] for item in manifest["objects"])
+    assert store.read_bytes("latest-rank0.pt.symlink").decode() == "ba2-rank0.pt"
+    assert store.read_bytes("latest-rank1.pt.symlink").decode() == "ba2-rank1.pt"
+
+
+def _sharded_remote_run(folder: str, url: str) -> None:
+    full = CheckpointSaver(folder, filename="ba{batch}", save_interval="2ba", ranks="sharded", remote=url)
+    _sharded_trainer(folder, "2ba", [full]).fit()
+
+
+def test_sharded_mode_uploads_each_ranks_shards(tmp_path: Path) -> None:
+    import json
+
+    from ckpt_callbacks.remote import open_store
+
+    url = (tmp_path / "bucket").as_uri()
+    values(run(2, _sharded_remote_run, str(tmp_path / "local"), url))
+    store = open_store(url)
+    manifest = json.loads(store.read_bytes("ba2.manifest.json"))
+    assert sorted(item["key"] for item in manifest["objects"]) == [
+        "ba2/.metadata", "ba2/__0_0.distcp", "ba2/__1_0.distcp", "ba2/ckpt_callbacks.json", "ba2/extras.pt",
+    ]
+    assert store.read_bytes("latest-rank0.pt.symlink").decode() == "ba2"

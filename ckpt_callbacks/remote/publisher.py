@@ -21,16 +21,20 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import random
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ckpt_callbacks.errors import CheckpointNotFoundError, StoreError, UploadError, UploadTimeoutError
+from ckpt_callbacks.errors import (
+    CheckpointNotFoundError, StoreError, TransientStoreError, UploadError, UploadTimeoutError,
+)
 from ckpt_callbacks.record import CheckpointInfo
 from ckpt_callbacks.remote.base import CHECKSUM_METADATA_KEY, RemoteStore, checksum_file
 from ckpt_callbacks.remote.futures import UploadFuture
+from ckpt_callbacks.remote.upload_job import RetryPolicy
 from ckpt_callbacks.remote.uploader import Uploader
 from ckpt_callbacks.time import Timestamp
 
@@ -41,6 +45,8 @@ log = logging.getLogger(__name__)
 MANIFEST_SUFFIX = ".manifest.json"
 POINTER_SUFFIX = ".symlink"
 _POLL_SECONDS = 0.2
+_COMMIT_ATTEMPTS = 8
+_COMMIT_BACKOFF_SECONDS = 0.5
 
 
 @dataclass
@@ -52,14 +58,14 @@ class RemoteCheckpoint:
         key: the checkpoint's key (a file's key, or the prefix of a folder's objects).
         uploads: this rank's files as (local path, key).
         expected: every object key of the checkpoint, all ranks included (what rank 0 waits for).
-        pointers: the pointer keys to move once it is committed (rank 0 only).
+        pointers: (pointer key, key it names) to write once it is committed (rank 0 only).
     """
 
     info: CheckpointInfo | None
     key: str
     uploads: list[tuple[Path, str]]
     expected: list[str]
-    pointers: list[str]
+    pointers: list[tuple[str, str]]
     metadata: dict[str, Any] = field(default_factory=dict)
     futures: list[UploadFuture] = field(default_factory=list)
 
@@ -96,12 +102,14 @@ class RemotePublisher:
         self.overwrite = overwrite
         self.upload_timeout = upload_timeout
         self.on_confirmed = on_confirmed
-        self._pointer_seq: dict[str, int] = {}
+        self._pointed: dict[str, dict[str, Any] | None] = {}  # pointer -> metadata of what it names
         self._errors: list[UploadError] = []
         self._lock = threading.Lock()
         self._finishing: queue.Queue[RemoteCheckpoint | None] = queue.Queue()
         self._in_flight = 0
         self._idle = threading.Condition(self._lock)
+        self._closing = threading.Event()
+        self._rng = random.Random()
         self._finisher = threading.Thread(target=self._finish_loop, name="ckpt-callbacks-commit", daemon=True)
         self._finisher.start()
 
@@ -121,11 +129,17 @@ class RemotePublisher:
         if not checkpoint.uploads:
             self._finishing.put(checkpoint)
             return
-        for path, key in checkpoint.uploads:
-            metadata = {CHECKSUM_METADATA_KEY: checksum_file(path)}
-            checkpoint.futures.append(
-                self.uploader.submit(path, key, overwrite=self.overwrite, metadata=metadata, on_done=settled)
-            )
+        try:
+            for path, key in checkpoint.uploads:
+                metadata = {CHECKSUM_METADATA_KEY: checksum_file(path)}
+                checkpoint.futures.append(
+                    self.uploader.submit(path, key, overwrite=self.overwrite, metadata=metadata, on_done=settled)
+                )
+        except BaseException:
+            with self._idle:  # nothing more will settle: the checkpoint is not in flight any more
+                self._in_flight -= 1
+                self._idle.notify_all()
+            raise
 
     def poll_errors(self) -> list[UploadError]:
         """Failures since the last call (to raise on the training thread at its next event)."""
@@ -149,6 +163,7 @@ class RemotePublisher:
         """Drain for at most ``drain_timeout`` seconds, stop, and return the keys not uploaded."""
         self.wait(drain_timeout)
         not_uploaded = self.uploader.close(drain_timeout=0)
+        self._closing.set()  # ends a commit's backoff
         self._finishing.put(None)
         return not_uploaded
 
@@ -157,7 +172,7 @@ class RemotePublisher:
     def _finish_loop(self) -> None:
         while (checkpoint := self._finishing.get()) is not None:
             try:
-                self._finish(checkpoint)
+                self._finish_retrying(checkpoint)
             except (StoreError, UploadError, OSError) as error:
                 failure = error if isinstance(error, UploadError) else UploadError(
                     f"committing {checkpoint.key} in {self.store.url} failed: {error}"
@@ -170,6 +185,25 @@ class RemotePublisher:
                     self._in_flight -= 1
                     self._idle.notify_all()
 
+    def _finish_retrying(self, checkpoint: RemoteCheckpoint) -> None:
+        """:meth:`_finish`, retried with backoff and jitter while the store fails transiently (a burst
+        of 503 SlowDown on the HEADs and small PUTs of the commit must not lose an uploaded
+        checkpoint), within ``upload_timeout`` and until :meth:`close`. Every step is idempotent."""
+        policy = RetryPolicy(_COMMIT_ATTEMPTS, _COMMIT_BACKOFF_SECONDS, self.upload_timeout)
+        deadline = time.monotonic() + policy.timeout
+        for attempt in range(1, policy.max_attempts + 1):
+            try:
+                self._finish(checkpoint)
+                return
+            except TransientStoreError as error:
+                delay = policy.delay(attempt, self._rng)
+                if attempt == policy.max_attempts or time.monotonic() + delay > deadline:
+                    raise
+                log.warning("committing %s failed (attempt %d of %d), retrying in %.2f s: %s",
+                            checkpoint.key, attempt, policy.max_attempts, delay, error)
+                if self._closing.wait(delay):
+                    raise
+
     def _finish(self, checkpoint: RemoteCheckpoint) -> None:
         if any(f.exception() is not None or f.superseded for f in checkpoint.futures):
             return  # the uploader reports the failure; the local copy stays
@@ -178,16 +212,35 @@ class RemotePublisher:
         objects = self._await_objects(checkpoint.expected)
         manifest = {"version": 1, "key": checkpoint.key, "objects": objects, **checkpoint.metadata}
         self.store.write_bytes(checkpoint.key + MANIFEST_SUFFIX, json.dumps(manifest, sort_keys=True).encode())
-        seq = checkpoint.info.seq if checkpoint.info else 0
-        for pointer in checkpoint.pointers:
-            with self._lock:
-                if self._pointer_seq.get(pointer, -1) > seq:
-                    continue
-                self._pointer_seq[pointer] = seq
-            self.store.write_bytes(pointer, checkpoint.key.encode())
+        for pointer, target in checkpoint.pointers:
+            if self._moves_forward(pointer, {**checkpoint.metadata, "key": checkpoint.key}):
+                self.store.write_bytes(pointer, target.encode())
         log.info("committed %s in %s (%d objects)", checkpoint.key, self.store.url, len(objects))
         if checkpoint.info is not None:
             self.on_confirmed(checkpoint.info)
+
+    def _moves_forward(self, pointer: str, mine: dict[str, Any]) -> bool:
+        """Whether ``pointer`` may name the checkpoint whose metadata is ``mine``: not when it names a
+        newer checkpoint of the same saver. An older upload confirmed after a newer one (concurrent
+        uploads), or a checkpoint an earlier run left unuploaded and a restart re-uploads, must not take
+        the pointer back. What the pointer names is read from the store the first time (an earlier run
+        may have written it); only the finisher thread gets here."""
+        if pointer not in self._pointed:
+            self._pointed[pointer] = self._pointed_in_store(pointer)
+        current = self._pointed[pointer]
+        if current is not None and current.get("saver") == mine.get("saver") and _saved_after(current, mine):
+            log.info("%s keeps naming %s, newer than %s", pointer, current.get("key"), mine.get("key"))
+            return False
+        self._pointed[pointer] = mine
+        return True
+
+    def _pointed_in_store(self, pointer: str) -> dict[str, Any] | None:
+        try:
+            key = self.read_pointer(pointer)
+            return None if key is None else self.read_manifest(key)
+        except (StoreError, ValueError) as error:  # unreadable: let this checkpoint take the pointer
+            log.warning("cannot read what %s names (%s); moving it anyway", self.store.uri(pointer), error)
+            return None
 
     def _await_objects(self, keys: Sequence[str]) -> list[dict[str, Any]]:
         """Size and checksum of every object, waiting (bounded) for other ranks' uploads to land."""
@@ -245,6 +298,14 @@ class RemotePublisher:
         for item in manifest["objects"]:
             self.store.delete(item["key"])
         self.store.delete(key + MANIFEST_SUFFIX)
+
+
+def _saved_after(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether checkpoint metadata ``a`` was saved after ``b``: by save sequence within a lineage, by
+    wall clock across lineages (a restarted run saves after the run it restarts)."""
+    if a.get("lineage") == b.get("lineage"):
+        return int(a.get("save_sequence", 0)) > int(b.get("save_sequence", 0))
+    return float(a.get("saved_at", 0.0)) > float(b.get("saved_at", 0.0))
 
 
 def manifest_info(manifest: dict[str, Any]) -> CheckpointInfo:

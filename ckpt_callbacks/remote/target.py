@@ -11,20 +11,23 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ckpt_callbacks.dist import DistInfo
-from ckpt_callbacks.errors import CheckpointNotFoundError, ConfigurationError, UploadError, bad_value
+from ckpt_callbacks.errors import (
+    CheckpointNotFoundError, ConfigurationError, CorruptCheckpointError, UploadError, bad_value,
+)
 from ckpt_callbacks.naming import NameTemplate, check_relative
 from ckpt_callbacks.record import CheckpointInfo
 from ckpt_callbacks.remote.factory import open_store
 from ckpt_callbacks.remote.publisher import POINTER_SUFFIX, RemoteCheckpoint, RemotePublisher, manifest_info
 from ckpt_callbacks.remote.uploader import Uploader
 from ckpt_callbacks.retention import RetentionPolicy
+from ckpt_callbacks.storage import temp_path_for
 from ckpt_callbacks.time import Timestamp
 
 __all__ = ["RemoteConfig", "RemoteTarget"]
@@ -45,7 +48,7 @@ class RemoteConfig:
     url: str
     file_name: NameTemplate
     latest_name: NameTemplate | None
-    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)  # credentials: never shown
     num_concurrent_uploads: int = 1
     upload_timeout: float = 3600.0
     shutdown_timeout: float = 300.0
@@ -81,6 +84,11 @@ class RemoteConfig:
         if latest is None and latest_filename is not None:
             latest = prefix + latest_filename.template
         latest_name = None if latest is None else NameTemplate(latest, argument="latest_remote_file_name")
+        if remote.lower().startswith("s3://"):
+            # Check the options now, as the store will at fit start (nothing is opened or sent).
+            from ckpt_callbacks.remote.s3_config import S3Options
+
+            S3Options.from_storage_options(options.get("storage_options"))
         return cls(url=remote.rstrip("/"), file_name=file_name, latest_name=latest_name, staging=staging, **options)
 
 
@@ -142,7 +150,12 @@ class RemoteTarget:
         else:
             uploads = [(path, key)]
             expected = [self.key(timestamp, rank) for rank in ranks] if self.ranks == "per_rank" else [key]
-        pointers = [p for p in (self.pointer(timestamp, rank) for rank in ranks) if p is not None]
+        # Each rank's pointer names that rank's object (one pointer naming the checkpoint otherwise).
+        pointers = [
+            (pointer, key if rank is None else self.key(timestamp, rank))
+            for rank in ranks
+            if (pointer := self.pointer(timestamp, rank)) is not None
+        ]
         manifest = {**metadata, "local_name": info.name if info else "", "metrics": dict(info.metrics) if info else {}}
         self.publisher.publish(RemoteCheckpoint(info, key, uploads, expected, pointers, manifest))
 
@@ -180,10 +193,12 @@ class RemoteTarget:
 
     def fetch_latest(self, local_folder: Path, timestamp_hint: Timestamp | None = None) -> Path | None:
         """Download the checkpoint this rank's pointer names into ``local_folder`` (under its local
-        name); None when there is no pointer (a fresh start).
+        name); None when there is no pointer (a fresh start). A download that fails its checksum is
+        skipped with a warning for the newest older checkpoint of this saver committed in the store.
 
         Raises:
             CheckpointNotFoundError: the pointer names a checkpoint with no manifest (not committed).
+            CorruptCheckpointError: every committed checkpoint of this saver is damaged in the store.
             StorePermissionError: the store refused access (never taken for "no checkpoint").
         """
         pointer = self.pointer(timestamp_hint or Timestamp(), self.rank_info.rank if self.ranks == "per_rank" else None)
@@ -196,11 +211,31 @@ class RemoteTarget:
                 f"{self.store.uri(pointer)} names {self.store.uri(key)}, which has no manifest: it was never "
                 "committed in the store"
             )
+        try:
+            return self._download(key, manifest, local_folder)
+        except CorruptCheckpointError as error:
+            if self.ranks == "per_rank":
+                raise  # another rank's part may be fine: the ranks choose together, locally
+            warnings.warn(f"autoresume: skipping corrupt checkpoint {self.store.uri(key)}: {error}", UserWarning,
+                          stacklevel=3)
+        older = [m for m in self.publisher.manifests()
+                 if m.get("saver") == self.saver and m.get("run_name") == self.run_name and m.get("key") != key]
+        for candidate in sorted(older, key=lambda m: float(m.get("saved_at", 0.0)), reverse=True):
+            try:
+                return self._download(candidate["key"], candidate, local_folder)
+            except CorruptCheckpointError as error:
+                warnings.warn(f"autoresume: skipping corrupt checkpoint {self.store.uri(candidate['key'])}: {error}",
+                              UserWarning, stacklevel=3)
+        raise CorruptCheckpointError(f"every checkpoint of this saver committed in {self.store.url} is corrupt")
+
+    def _download(self, key: str, manifest: dict[str, Any], local_folder: Path) -> Path:
         name = manifest.get("local_name") or Path(key).name
         destination = local_folder / name
         if destination.exists():
             return destination
-        staging = Path(tempfile.mkdtemp(prefix=".download-", dir=local_folder))
+        # A temp name: if this process dies mid-download, the next start's sweep removes the folder.
+        staging = temp_path_for(local_folder / "download")
+        staging.mkdir()
         try:
             fetched = self.publisher.download(key, manifest, staging / "checkpoint")
             destination.parent.mkdir(parents=True, exist_ok=True)
