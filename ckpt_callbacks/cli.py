@@ -101,6 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     demo = command("demo", "train a small model with two savers, stop, resume, and show what was saved", [remote], _demo)
     demo.add_argument("--folder", type=Path, help="where to write (default: a temporary folder, removed after)")
+    demo.add_argument("--nproc", type=int, default=1, metavar="N",
+                      help="run as a DDP job of N processes on this machine (gloo, CPU), as torchrun would")
     demo.add_argument("--remote", metavar="URI", help="also upload to this store (s3://bucket/prefix, file:///...) "
                       "and resume the second run from it, the local folder deleted")
     return parser
@@ -370,8 +372,12 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from ckpt_callbacks.demo import run_demo  # imports the trainer only when it runs
+    from ckpt_callbacks.demo import run_demo, run_demo_distributed  # imports the trainer only when it runs
 
     if args.remote is not None and not is_uri(args.remote):
         raise _UsageError(f"--remote must be a URI such as s3://bucket/prefix (got {args.remote!r})")
+    if args.nproc < 1:
+        raise _UsageError(f"--nproc must be 1 or more (got {args.nproc})")
+    if args.nproc > 1:
+        return run_demo_distributed(args.nproc, args.folder, args.remote, args.storage_options)
     return run_demo(args.folder, args.remote, args.storage_options)

@@ -12,7 +12,9 @@ a bucket's credentials): it exits non-zero if the second run did not continue fr
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -22,6 +24,7 @@ from typing import Any, Mapping
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from ckpt_callbacks.dist import barrier, dist_info
 from ckpt_callbacks.events import Callback
 from ckpt_callbacks.listing import list_checkpoints
 from ckpt_callbacks.saver import CheckpointSaver
@@ -62,7 +65,10 @@ def _uploads(remote: str | None, storage_options: Mapping[str, Any] | None, fold
 def _demo_trainer(
     folder: Path, max_duration: str, remote: str | None = None, storage_options: Mapping[str, Any] | None = None,
 ) -> tuple[Trainer, CheckpointSaver, CheckpointSaver, list[float], _FitStart]:
+    torch.manual_seed(7)
     model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
+    if torch.distributed.is_initialized():
+        model = torch.nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses: list[float] = []
 
@@ -91,7 +97,8 @@ def _demo_trainer(
 
 
 def run_demo(
-    folder: Path | None = None, remote: str | None = None, storage_options: Mapping[str, Any] | None = None
+    folder: Path | None = None, remote: str | None = None, storage_options: Mapping[str, Any] | None = None,
+    *, temporary: bool = False,
 ) -> int:
     """Run the demo, printing to stdout; return the exit code (0: the resumed run continued exactly).
 
@@ -99,6 +106,7 @@ def run_demo(
         folder: Where to write; None for a temporary folder, removed afterwards.
         remote: A store URL to upload to and resume from (``s3://bucket/prefix``, ``file:///...``).
         storage_options: The store's options (endpoint, credentials, ...).
+        temporary: ``folder`` is removed afterwards by the caller (do not point the user at it).
 
     Example:
         >>> run_demo(Path("demo-output"))  # doctest: +SKIP
@@ -108,8 +116,10 @@ def run_demo(
     target = folder or Path(tempfile.mkdtemp(prefix="ckpt-callbacks-demo-"))
     try:
         print(f"Writing to {target}\n")
-        print("Run 1: train for 25 batches (10 batches per epoch), as if the job were stopped mid-epoch.")
-        trainer, exports, full, losses, _ = _demo_trainer(target, "25ba", remote, storage_options)
+        per_epoch = 10 // dist_info().world_size  # 640 samples, 64 a batch, shared by the ranks
+        stop = per_epoch * 2 + per_epoch // 2
+        print(f"Run 1: train for {stop} batches ({per_epoch} batches per epoch), as if the job were stopped mid-epoch.")
+        trainer, exports, full, losses, _ = _demo_trainer(target, f"{stop}ba", remote, storage_options)
         trainer.fit()
         first = trainer.state.timestamp
         _table(
@@ -120,7 +130,9 @@ def run_demo(
         print(f"  stopped at {_when(first)}; loss first / last {losses[0]:.4f} / {losses[-1]:.4f}\n")
 
         if remote is not None:
-            shutil.rmtree(target / "demo-run")
+            if dist_info().rank == 0:
+                shutil.rmtree(target / "demo-run")
+            barrier()
             print(f"Deleted {target / 'demo-run'}, as on a new machine: run 2 must resume from {remote}.")
         print("Run 2: same run_name, autoresume=True, train to 4 epochs.")
         trainer, exports, full, losses, start = _demo_trainer(target, "4ep", remote, storage_options)
@@ -145,8 +157,9 @@ def run_demo(
             print("the resumed run did not continue from the saved step", file=sys.stderr)
             return 1
         print(f"\nDone in {time.perf_counter() - started:.1f} s.")
-        if folder is not None or remote is not None:
-            where = " ".join([str(target / "demo-run")] * (folder is not None) + [remote] * (remote is not None))
+        kept = folder is not None and not temporary
+        if kept or remote is not None:
+            where = " ".join([str(target / "demo-run")] * kept + [remote] * (remote is not None))
             print(f"See what was saved with: ckpt-callbacks ls {where}")
         return 0
     finally:
@@ -164,3 +177,51 @@ def _table(header: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, ["-" * w for w in widths], *rows]:
         print("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
+
+
+def run_demo_distributed(
+    nproc: int, folder: Path | None = None, remote: str | None = None, storage_options: Mapping[str, Any] | None = None
+) -> int:
+    """Run the demo as a DDP job of ``nproc`` processes on this machine (gloo, CPU), as
+    ``torchrun --nproc-per-node N`` would; rank 0 prints. Returns the exit code.
+
+    Example:
+        >>> run_demo_distributed(2)  # doctest: +SKIP
+        0
+    """
+    target = folder or Path(tempfile.mkdtemp(prefix="ckpt-callbacks-demo-"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    try:
+        print(f"{nproc} processes (DDP over gloo): rank 0 writes the full state with every rank's RNG; "
+              "every rank resumes from it.")
+        context = torch.multiprocessing.start_processes(
+            _demo_rank, args=(nproc, port, target, remote, storage_options, folder is None), nprocs=nproc,
+            start_method="spawn",
+            join=False,
+        )
+        while not context.join():
+            pass
+        return 0
+    except torch.multiprocessing.ProcessRaisedException as error:
+        print(f"a rank failed: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if folder is None:
+            shutil.rmtree(target, ignore_errors=True)
+
+
+def _demo_rank(
+    rank: int, nproc: int, port: int, folder: Path, remote: str | None, options: Any, temporary: bool
+) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(nproc),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=nproc)
+    try:
+        if rank != 0:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- one report, from rank 0
+        if run_demo(folder, remote, options, temporary=temporary) != 0:
+            raise RuntimeError(f"rank {rank}: the resumed run did not continue from the saved step")
+    finally:
+        torch.distributed.destroy_process_group()

@@ -51,3 +51,10 @@ def test_demo_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main(["demo", "--folder", str(blocker)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("ckpt-callbacks: error:") and err.count("\n") == 1
+
+
+def test_demo_as_a_two_process_ddp_job(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--nproc", "2", "--folder", str(tmp_path)]) == 0
+    checkpoints = tmp_path / "demo-run" / "checkpoints"
+    assert os.readlink(checkpoints / "latest-rank0.pt") == "ep3-ba20-rank0.pt.gz"
+    assert not list(checkpoints.glob("*rank1*"))  # rank 0 writes the replicated state
