@@ -18,7 +18,8 @@ of ``--repeat`` rounds of:
 * load: ``read_state`` (decode into a temp file, ``torch.load(mmap=True)``) and
   ``load_state_dict`` into the model and optimizer, so every byte is touched; for Composer's way,
   the CLI decompresses to a file that ``torch.load`` reads;
-* size of the file.
+* size of the file, and the CPU seconds of the save (all threads, and the CLI's process), which
+  other jobs on a shared machine disturb less than wall time.
 
 Ratios are against a plain ``.pt`` and against the CLI pipe of the same codec. A weights-only table
 compares ``.pt``, ``.pt.zst`` and ``.safetensors`` for model exports. The targets of issue #3 are
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -56,8 +58,15 @@ class Result:
 
     name: str
     save: list[float] = field(default_factory=list)
+    save_cpu: list[float] = field(default_factory=list)
     load: list[float] = field(default_factory=list)
     size: int = 0
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (all threads) and its finished children (the CLIs)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def build_state(width: int, layers: int, steps: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -161,12 +170,13 @@ def measure(
             path = folder / f"{label}-{index}{suffix}"
             # Start every save with no dirty pages of earlier files queued ahead of its fsync.
             os.sync()
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), cpu_seconds()
             if tool:
                 save_cli(checkpoint, path, tool)
             else:
                 save_ours(checkpoint, path)
             results[name].save.append(time.perf_counter() - started)
+            results[name].save_cpu.append(cpu_seconds() - cpu)
             results[name].size = path.stat().st_size
             started = time.perf_counter()
             loaded = load_cli(path, tool, folder) if tool else read_state(path)
@@ -186,8 +196,9 @@ def table(results: dict[str, Result], title: str, state_bytes: int) -> list[str]
     cli = {tool: results.get(f"cli:{tool}") for tool in ("zstd", "lz4")}
     lines = [
         f"**{title}** ({state_bytes / 1e6:.0f} MB of tensors)", "",
-        "| format | save (s) | load (s) | size (MB) | save / .pt | load / .pt | size / .pt | CLI pipe save / ours |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| format | save (s) | save CPU (s) | load (s) | size (MB) | save / .pt | load / .pt | size / .pt "
+        "| CLI pipe save / ours |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]  # fmt: skip
     for name, result in results.items():
         save, load = statistics.median(result.save), statistics.median(result.load)
@@ -195,8 +206,9 @@ def table(results: dict[str, Result], title: str, state_bytes: int) -> list[str]
         versus = cli.get(tool) if tool else None
         speedup = f"{statistics.median(versus.save) / save:.2f}x" if versus else ""
         shown = f"`{name}`" if not name.startswith("cli:") else f"{name.removeprefix('cli:')} CLI pipe (Composer)"
+        cpu = statistics.median(result.save_cpu)
         lines.append(
-            f"| {shown} | {save:.2f} | {load:.2f} | {result.size / 1e6:.0f} | {save / base_save:.2f} | "
+            f"| {shown} | {save:.2f} | {cpu:.2f} | {load:.2f} | {result.size / 1e6:.0f} | {save / base_save:.2f} | "
             f"{load / base_load:.2f} | {result.size / plain.size:.3f} | {speedup} |"
         )
     return [*lines, ""]

@@ -50,6 +50,10 @@ class Layout:
         self.best_filename = best_filename
         self.fixed = {"run_name": run_name, **rank_info.format_variables()}
         self.folder = Path(self.folder_template.format(**self.fixed))
+        # A run name (or rank value) that takes a name out of the folder ('../..') fails now, not at
+        # the first save.
+        self.name(Timestamp())
+        self.latest_path(Timestamp())
 
     def name(self, timestamp: Timestamp) -> str:
         """The checkpoint's name relative to the folder."""

@@ -75,7 +75,7 @@ def _load_local(
         checkpoint = load_sharded(target, state, weights_only=weights_only, strict=strict)
         _restore_extras(checkpoint, state, ignore_keys, weights_only, target)
         return checkpoint
-    checkpoint = read_state(target)
+    checkpoint = read_state(target, check_crc=True)  # a checkpoint that resumes training is checked whole
     apply_ignore_keys(checkpoint, check_ignore_keys(ignore_keys, argument="ignore_keys"))
     body = checkpoint.get("state")
     if not isinstance(body, dict) or (weights_only and "model" not in body):

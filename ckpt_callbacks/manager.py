@@ -40,6 +40,7 @@ from typing import Any, Callable, Mapping, Sequence
 from ckpt_callbacks import dist
 from ckpt_callbacks.capture import Captured, Capturer, Payload
 from ckpt_callbacks.codecs import checkpoint_format
+from ckpt_callbacks.disk_guard import check_free_space, named_failures
 from ckpt_callbacks.errors import ConfigurationError, bad_value
 from ckpt_callbacks.executors import executor_for
 from ckpt_callbacks.folders import commit_folder
@@ -94,6 +95,8 @@ class CheckpointManager(StoreSide):
             (on a background thread; only the capture blocks).
         best_filename: template of a ``best`` link (like ``latest``) to the best checkpoint by the
             metric of the :class:`~ckpt_callbacks.retention.KeepBest` in ``retention``; ``None`` for none.
+        max_unuploaded: with a remote, how many checkpoints not yet in the store are protected from
+            pruning (the newest ones); ``None``: all of them.
 
     Raises:
         ConfigurationError: any bad argument (see :class:`~ckpt_callbacks.saver.CheckpointSaver`).
@@ -118,6 +121,7 @@ class CheckpointManager(StoreSide):
         save_mode: str = "sync",
         best_filename: str | os.PathLike | None = None,
         remote: RemoteConfig | None = None,
+        max_unuploaded: int | None = None,
     ) -> None:
         self.retention = retention_from_arguments(num_checkpoints_to_keep, retention)
         self.rank_info = dist.dist_info()
@@ -151,6 +155,7 @@ class CheckpointManager(StoreSide):
         self._lock = threading.RLock()
         self.remote_config = remote
         self.remote: RemoteTarget | None = None
+        self.max_unuploaded = max_unuploaded
 
     @property
     def writes(self) -> bool:
@@ -178,24 +183,29 @@ class CheckpointManager(StoreSide):
             self.remote.probe()
         if not self.writes:
             return
-        makedirs_durable(self.folder)
-        sweep_stale_temp_files(self.folder)
-        self.reconcile()
-        if not self.overwrite:
-            # A resumed run continues this saver's own lineage: what it recorded is not a conflict
-            # (an export saved after a batch checkpoint may carry a later epoch than the resume point).
-            ours = {c.name for c in self.record.checkpoints} if resumed_from is not None else set()
-            self.layout.check_conflicts(timestamp, ignore=ours)
-        self._resumed_from = None if resumed_from is None else self.layout.relative(Path(resumed_from))
-        self.record.start_lineage(self._resumed_from)
-        self.record.save()
+        with named_failures(self.folder, doing="preparing"):  # a read-only folder fails before training
+            makedirs_durable(self.folder)
+            sweep_stale_temp_files(self.folder)
+            self.reconcile()
+            if not self.overwrite:
+                # A resumed run continues this saver's own lineage: what it recorded is not a conflict
+                # (an export saved after a batch checkpoint may carry a later epoch than the resume point).
+                ours = {c.name for c in self.record.checkpoints} if resumed_from is not None else set()
+                self.layout.check_conflicts(timestamp, ignore=ours)
+            self._resumed_from = None if resumed_from is None else self.layout.relative(Path(resumed_from))
+            self.record.start_lineage(self._resumed_from)
+            self.record.save()
         self._reupload_stranded()
 
-    def wait(self) -> None:
-        """Block until the save in flight is durable; raise its error if it failed."""
-        in_flight, self._in_flight = self._in_flight, None
-        if in_flight is not None:
-            in_flight.result()
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the save in flight is durable and raise its error if it failed (TimeoutError
+        after ``timeout`` seconds, the save staying in flight)."""
+        in_flight = self._in_flight
+        if in_flight is None:
+            return
+        in_flight.exception(timeout)
+        self._in_flight = None
+        in_flight.result()
 
     def raise_if_failed(self) -> None:
         """Raise the error of a background save that has finished with one (async mode); never blocks."""
@@ -304,6 +314,9 @@ class CheckpointManager(StoreSide):
         checkpoint = captured.checkpoint
         name = self.layout.name(timestamp)
         path = self.folder / name
+        previous = self.record.newest() if self.writes else None
+        if previous is not None and previous.size:
+            check_free_space(path, previous.size, previous.name)  # before any byte is written
         if captured.folder is not None:
             size = commit_folder(captured.folder, path, self.format, self.compression_level)
         elif self.sharded:
@@ -327,7 +340,7 @@ class CheckpointManager(StoreSide):
             metrics=metrics,
         )
         stall = time.perf_counter() - started
-        with self._lock:
+        with self._lock, named_failures(path, doing="publishing"):  # committed: only latest, record lag
             self._publish(info)
         if self.remote is not None:
             self.remote.upload(info, path, timestamp, self._manifest_metadata(info))
@@ -341,10 +354,13 @@ class CheckpointManager(StoreSide):
         return info
 
     def _write_file(self, path: Path, checkpoint: dict[str, Any]) -> int:
-        """Serialize, encode and commit one checkpoint file; returns its size."""
-        makedirs_durable(path.parent)
-        with atomic_write(path) as target:
-            write_state(checkpoint, target.file, self.format, self.compression_level)
+        """Serialize, encode and commit one checkpoint file; returns its size (a failure is a
+        CheckpointError naming the file and the cause, e.g. a full disk, that torch.save reports
+        as a RuntimeError)."""
+        with named_failures(path):
+            makedirs_durable(path.parent)
+            with atomic_write(path) as target:
+                write_state(checkpoint, target.file, self.format, self.compression_level)
         return target.size
 
     def _publish(self, info: CheckpointInfo) -> None:
@@ -389,14 +405,20 @@ class CheckpointManager(StoreSide):
         for info in [c for c in checkpoints if c.seq not in keep]:
             remove_checkpoint(self.path_of(info))
             self.record.remove(info.name)
-            log.info("pruned %s", self.path_of(info))
+            early = self.remote is not None and not info.uploaded  # beyond max_unuploaded_checkpoints
+            log.log(logging.WARNING if early else logging.INFO, "pruned %s%s", self.path_of(info),
+                    " before the store confirmed it: too many wait for the store" if early else "")
         if len(keep) != len(checkpoints):
             self.record.save()
 
     # ------------------------------------------------------------------ helpers
 
     def _protected(self) -> set[int]:
-        protected = {c.seq for c in self.record.checkpoints if self.remote is not None and not c.uploaded}
+        waiting = [c for c in self.record.checkpoints if self.remote is not None and not c.uploaded]
+        if self.max_unuploaded is not None:
+            # on_upload_error='warn': a dead store must not fill the disk; older ones fall to retention.
+            waiting = waiting[-self.max_unuploaded:]
+        protected = {c.seq for c in waiting}
         newest = self.record.newest()
         if newest is not None and not _keeps_none(self.retention):
             protected.add(newest.seq)

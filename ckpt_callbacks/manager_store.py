@@ -83,7 +83,7 @@ class StoreSide:
         """Upload failures since the last call (empty without a remote)."""
         return list(self.remote.poll_errors()) if self.remote is not None else []
 
-    def wait_uploads(self: CheckpointManager) -> None:
-        """Block until every checkpoint handed to the uploader is committed in the store or failed."""
-        if self.remote is not None:
-            self.remote.wait()
+    def wait_uploads(self: CheckpointManager, timeout: float | None = None) -> bool:
+        """Block until every checkpoint handed to the uploader is committed in the store or failed;
+        False if ``timeout`` seconds passed first."""
+        return self.remote.wait(timeout) if self.remote is not None else True

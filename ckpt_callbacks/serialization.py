@@ -157,7 +157,7 @@ def _write_safetensors(obj: dict, raw: BinaryIO) -> None:
     write_safetensors(body["model"], raw, metadata)
 
 
-def read_state(path: Path | str, *, map_location: MapLocation = "cpu") -> dict:
+def read_state(path: Path | str, *, map_location: MapLocation = "cpu", check_crc: bool = False) -> dict:
     """Load a checkpoint file of any known format, safely (``weights_only=True``, a fixed allowlist).
 
     Plain, compressed, tar (member ``checkpoint.pt``, or Composer's ``composer_states.pt``) and
@@ -168,11 +168,14 @@ def read_state(path: Path | str, *, map_location: MapLocation = "cpu") -> dict:
     Args:
         path: The checkpoint file; its format is sniffed from its bytes, not its name.
         map_location: Where tensors go, as in ``torch.load``.
+        check_crc: Also check the CRC-32 of every zip member a codec's checksum does not cover
+            (one more read of the file): ``torch.load`` alone loads a flipped bit in a tensor of a
+            plain ``.pt`` silently.
 
     Raises:
         CheckpointNotFoundError: ``path`` does not exist.
         CorruptCheckpointError: The file exists but does not load (truncated, garbage, bad pickle,
-            objects outside :data:`SAFE_GLOBALS`), or does not hold a dict.
+            objects outside :data:`SAFE_GLOBALS`, a failed CRC with ``check_crc``), or does not hold a dict.
 
     Example:
         >>> state = read_state("checkpoints/ep1-ba10-rank0.pt.zst")  # doctest: +SKIP
@@ -183,6 +186,8 @@ def read_state(path: Path | str, *, map_location: MapLocation = "cpu") -> dict:
     with _payload(path) as payload:
         if payload.kind == "safetensors":
             return _read_safetensors(payload.file, path)
+        if check_crc and not payload.checksummed:
+            _check_zip_members(payload.file, path)
         return _load(payload.file, path, map_location)
 
 

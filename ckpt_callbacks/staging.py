@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import numpy as np
 import torch
 from torch.distributed.tensor import DTensor
 
@@ -91,6 +92,31 @@ class StagingBuffers:
         if buffer is None or buffer.shape != source.shape or buffer.dtype != source.dtype:
             buffer = torch.empty(source.shape, dtype=source.dtype, device="cpu", pin_memory=source.is_cuda)
             self._buffers[path] = buffer
-        buffer.copy_(source, non_blocking=source.is_cuda)
+        _copy_into(buffer, source)
         self.staged_bytes += buffer.numel() * buffer.element_size()
         return buffer
+
+
+def _copy_into(buffer: torch.Tensor, source: torch.Tensor) -> None:
+    """Copy ``source`` into ``buffer`` (a contiguous CPU tensor of its shape and dtype).
+
+    A dense CPU tensor is copied by one thread (numpy's copy, which releases the GIL as ``copy_``
+    does), not split by ``copy_`` over torch's intra-op threads. A copy is bound by memory
+    bandwidth, which a second thread hardly adds to (one 529 MB tensor on our 2-core machine:
+    0.10 s with one thread, 0.12 s with two), while each parallel region waits for all of its
+    threads: on cores shared with anything else (data loader workers, other jobs) every one of a
+    state's hundreds of tensors then waits for a scheduler time slice (the 529 MB state of
+    bench_stall.py, 212 tensors, at load 7: 0.99 s with two threads, 0.23 s this way).
+    """
+    dense = source.device.type == "cpu" and source.is_contiguous() and not source.is_quantized
+    if dense and not (source.is_conj() or source.is_neg()):
+        try:
+            np.copyto(_as_bytes(buffer), _as_bytes(source))
+            return
+        except (RuntimeError, TypeError):  # a dtype without a byte view: torch copies it below
+            pass
+    buffer.copy_(source, non_blocking=source.is_cuda)
+
+
+def _as_bytes(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.reshape(-1).view(torch.uint8).numpy()

@@ -227,8 +227,8 @@ def _fsync_temp(out: AtomicFile) -> int:
             _fsync_fd(fd)
         except OSError as exc:
             raise CheckpointError(
-                f"fsync of {str(out.temp)!r} failed, so its data may never reach the disk; the file is "
-                "discarded (a second fsync could falsely report success, so it is not retried)"
+                f"fsync of {str(out.temp)!r} failed ({exc.strerror or exc}), so its data may never reach the "
+                "disk; the file is discarded (a second fsync could falsely report success, so it is not retried)"
             ) from exc
         return os.fstat(fd).st_size
     finally:
@@ -417,14 +417,14 @@ def _pid_alive(pid: int) -> bool:
 
 
 def sweep_stale_temp_files(folder: Path, *, max_age_seconds: float = 24 * 3600) -> list[Path]:
-    """Delete temp files that crashed writers left directly in ``folder``; return what was removed.
+    """Delete temp files and folders that crashed writers left in ``folder``; return what was removed.
 
-    A temp file (or temp symlink) is stale when its host is this host and its pid is not alive, or
-    when it is older (mtime) than ``max_age_seconds``. Temp files of live local processes younger
-    than the bound, foreign hosts' young temp files, folders and every non-temp file are never
-    touched: other jobs may share the folder. A missing folder is fine. A recycled pid only delays
-    removal until the age bound; hosts that share a hostname but not a pid namespace (containers
-    with host networking) are not told apart.
+    A temp file, symlink or folder (a sharded checkpoint or a download being assembled) is stale when
+    its host is this host and its pid is not alive, or when it is older (mtime) than
+    ``max_age_seconds``. Temp entries of live local processes younger than the bound, foreign hosts'
+    young ones and every non-temp entry are never touched: other jobs may share the folder. A
+    missing folder is fine. A recycled pid only delays removal until the age bound; hosts that
+    share a hostname but not a pid namespace (containers with host networking) are not told apart.
 
     Example:
         >>> sweep_stale_temp_files(Path("ckpt"))  # doctest: +SKIP
@@ -440,7 +440,7 @@ def sweep_stale_temp_files(folder: Path, *, max_age_seconds: float = 24 * 3600) 
     host, now, removed = _host_tag(), time.time(), []
     for entry in entries:
         match = _TEMP_RE.match(entry.name)
-        if match is None or entry.is_dir(follow_symlinks=False):
+        if match is None:
             continue
         try:
             age = now - entry.stat(follow_symlinks=False).st_mtime
@@ -450,7 +450,10 @@ def sweep_stale_temp_files(folder: Path, *, max_age_seconds: float = 24 * 3600) 
         if not (dead or age > max_age_seconds):
             continue
         try:
-            os.unlink(entry.path)
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
         except FileNotFoundError:  # another sweeper got there first
             continue
         reason = "its process is gone" if dead else f"it is {age:.0f}s old"

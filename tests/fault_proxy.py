@@ -330,8 +330,12 @@ class FaultProxy:
         assert self._server is not None, "start() the proxy first"
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def start(self) -> FaultProxy:
-        """Listen on a free loopback port and serve in a daemon thread."""
+    def start(self, port: int = 0) -> FaultProxy:
+        """Listen on ``port`` of the loopback (0: a free one) and serve in a daemon thread.
+
+        A given port lets a test stop a proxy and start another where it was: to the client, a
+        server that died and came back.
+        """
         proxy = self
 
         class Handler(socketserver.BaseRequestHandler):
@@ -342,7 +346,7 @@ class FaultProxy:
                 self.request.settimeout(_SOCKET_TIMEOUT)
                 _Connection(proxy, self.request).serve()
 
-        self._server = _Server(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", port), Handler)
         threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         return self
 

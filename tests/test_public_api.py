@@ -39,4 +39,5 @@ def test_saver_signature_matches_the_design() -> None:
         "overwrite", "num_checkpoints_to_keep", "weights_only", "ignore_keys", "num_concurrent_uploads",
         "upload_timeout_in_seconds", "remote", "storage_options", "save_mode", "compression_level", "ranks",
         "retention", "remote_retention", "on_upload_error", "best_filename", "shutdown_timeout",
+        "save_on_signals", "on_save_error", "max_unuploaded_checkpoints",
     ]

@@ -330,9 +330,14 @@ def test_sweep_old_files_removed_young_foreign_kept(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path)) == sorted([young_foreign.name, plain_old.name])
 
 
-def test_sweep_skips_folders_and_missing_folder(tmp_path: Path) -> None:
-    (_temp_name_with_pid(tmp_path / "d", _dead_pid())).mkdir()
-    assert sweep_stale_temp_files(tmp_path) == []
+def test_sweep_removes_stale_temp_folders_keeps_live_ones(tmp_path: Path) -> None:
+    # A sharded checkpoint or a download being assembled is a temp-named folder.
+    stale = _temp_name_with_pid(tmp_path / "d", _dead_pid())
+    (stale / "shard").mkdir(parents=True)
+    live = _temp_name_with_pid(tmp_path / "e", os.getpid())
+    live.mkdir()
+    assert sweep_stale_temp_files(tmp_path) == [stale]
+    assert os.listdir(tmp_path) == [live.name]
     assert sweep_stale_temp_files(tmp_path / "missing") == []
 
 

@@ -87,9 +87,13 @@ def _number(name: str, value: Any, minimum: float, *, integer: bool) -> Any:
     return value
 
 
+_SECRETS = ("secret", "token")
+
+
 def _text(name: str, value: Any) -> str | None:
     if value is not None and not (isinstance(value, str) and value):
-        raise ConfigurationError(bad_value(f"storage_options[{name!r}]", "a non-empty string or None", value))
+        shown = f"a hidden {type(value).__name__}" if name in _SECRETS else value
+        raise ConfigurationError(bad_value(f"storage_options[{name!r}]", "a non-empty string or None", shown))
     return value
 
 
@@ -104,8 +108,8 @@ class S3Options:
 
     endpoint_url: str | None = None
     key: str | None = None
-    secret: str | None = None
-    token: str | None = None
+    secret: str | None = field(default=None, repr=False)  # credentials never appear in reprs or messages
+    token: str | None = field(default=None, repr=False)
     region: str | None = None
     profile: str | None = None
     config_kwargs: Mapping[str, Any] = field(default_factory=dict)
