@@ -111,3 +111,44 @@ def test_load_checkpoint_from_a_uri_and_a_remote_pointer(tmp_path: Path, remote)
         assert fresh.state.timestamp.batch == 4
         for key, tensor in weights(trainer).items():
             assert torch.equal(weights(fresh)[key], tensor)
+
+
+# ------------------------------------------------------------------ faults between the saver and a real store
+
+from fault_proxy import Respond, Stall, fault_proxy_factory  # noqa: E402,F401 -- the fixture is used by name
+
+
+def test_transient_errors_are_retried_and_nothing_is_lost(tmp_path: Path, moto_bucket, fault_proxy_factory) -> None:
+    proxy = fault_proxy_factory(moto_bucket.server.endpoint_url)
+    options = moto_bucket.storage_options(endpoint_url=proxy.endpoint_url, max_attempts=1)
+    rule = proxy.add(Respond(503), method="PUT", path=r"/ba2\.pt", times=2)
+    make_trainer([saver(tmp_path / "local", moto_bucket.url("runs"), options)], max_duration="4ba").fit()
+    assert rule.hits == 2
+    store = open_store(moto_bucket.url("runs"), moto_bucket.storage_options())
+    assert {"ba2.pt", "ba4.pt", "ba2.pt.manifest.json"} <= set(store.list())
+
+
+def test_a_stalled_upload_times_out_and_keeps_its_local_file(tmp_path: Path, moto_bucket, fault_proxy_factory) -> None:
+    """Retention must not delete a checkpoint whose upload never completed."""
+    proxy = fault_proxy_factory(moto_bucket.server.endpoint_url)
+    options = moto_bucket.storage_options(endpoint_url=proxy.endpoint_url, max_attempts=1, read_timeout=1)
+    proxy.add(Stall(seconds=10), method="PUT", path=r"/ba2\.pt", times=None)
+    stalled = saver(tmp_path / "local", moto_bucket.url("runs"), options, num_checkpoints_to_keep=1,
+                    upload_timeout_in_seconds=2, on_upload_error="warn")
+    with pytest.warns(UserWarning, match="ba2.pt"):
+        make_trainer([stalled], max_duration="4ba").fit()
+    assert sorted(p.name for p in (tmp_path / "local").glob("ba*.pt")) == ["ba2.pt", "ba4.pt"]
+    store = open_store(moto_bucket.url("runs"), moto_bucket.storage_options())
+    assert store.read_bytes("latest-rank0.pt.symlink").decode() == "ba4.pt"
+    assert "ba2.pt.manifest.json" not in store.list()
+
+
+def test_remote_retention_in_a_real_bucket(tmp_path: Path, seaweedfs_bucket) -> None:
+    url, options = seaweedfs_bucket.url("runs"), seaweedfs_bucket.storage_options()
+    make_trainer([saver(tmp_path / "local", url, options, save_interval="1ba", remote_retention=KeepLast(2))],
+                 max_duration="4ba").fit()
+    store = open_store(url, options)
+    assert sorted(k for k in store.list() if k.endswith(".pt")) == ["ba3.pt", "ba4.pt"]
+    assert sorted(k for k in store.list() if k.endswith(".manifest.json")) == [
+        "ba3.pt.manifest.json", "ba4.pt.manifest.json",
+    ]
