@@ -27,7 +27,7 @@ from pathlib import Path
 from ckpt_callbacks.archive import bundle
 from ckpt_callbacks.codecs import CheckpointFormat
 from ckpt_callbacks.errors import CheckpointNotFoundError, ConfigurationError, bad_value
-from ckpt_callbacks.storage import atomic_write, fsync_dir, makedirs_durable, remove_checkpoint, temp_path_for
+from ckpt_callbacks.storage import atomic_write, fsync_dir, makedirs_durable, remove_checkpoint, replace_folder
 
 __all__ = ["check_folder_format", "commit_folder", "snapshot_folder"]
 
@@ -111,7 +111,7 @@ def commit_folder(staging: Path, final: Path, fmt: CheckpointFormat, level: int 
                 bundle(staging, out.file, fmt, level=level)
             return out.size or 0
         size = _fsync_tree(staging)
-        _replace_folder(staging, final)
+        replace_folder(staging, final)
         return size
     finally:
         remove_checkpoint(staging)  # nothing is left there once renamed
@@ -130,15 +130,3 @@ def _fsync_tree(folder: Path) -> int:
                 os.close(fd)
         fsync_dir(Path(root))
     return size
-
-
-def _replace_folder(temp: Path, final: Path) -> None:
-    """Rename a complete folder onto ``final``; an older folder there is moved aside first, then removed."""
-    if os.path.lexists(final):
-        old = temp_path_for(final)
-        os.rename(final, old)
-        os.rename(temp, final)
-        remove_checkpoint(old)
-    else:
-        os.rename(temp, final)
-    fsync_dir(final.parent)

@@ -298,7 +298,7 @@ def _describe_loaded(path: Path) -> Description:
     description = Description(str(path), "", 0)
     try:
         checkpoint = read_state(path)
-    except CorruptCheckpointError as error:
+    except CorruptCheckpointError:
         foreign = foreign_globals(path)
         if not foreign:
             raise

@@ -37,7 +37,7 @@ from ckpt_callbacks.errors import CheckpointExistsError, CheckpointNotFoundError
 from ckpt_callbacks.progress import Progress
 from ckpt_callbacks.remote import RemoteStore, open_store
 from ckpt_callbacks.remote.publisher import POINTER_SUFFIX
-from ckpt_callbacks.storage import fsync_dir, makedirs_durable, remove_checkpoint, resolve_latest, temp_path_for
+from ckpt_callbacks.storage import makedirs_durable, remove_checkpoint, replace_folder, resolve_latest, temp_path_for
 
 __all__ = ["RemoteLocations", "RemoteTarget", "is_uri", "local_checkpoint", "resolve_checkpoint_path", "split_uri"]
 
@@ -249,22 +249,11 @@ class RemoteLocations:
             for key in target.keys:
                 relative = key[len(target.name) + 1:]
                 target.store.download_file(key, temp / relative, progress=progress)
-            _replace_folder(temp, final)
+            replace_folder(temp, final)
         except BaseException:
             remove_checkpoint(temp)
             raise
         return final
-
-
-def _replace_folder(temp: Path, final: Path) -> None:
-    if os.path.lexists(final):
-        old = temp_path_for(final)
-        os.rename(final, old)
-        os.rename(temp, final)
-        remove_checkpoint(old)
-    else:
-        os.rename(temp, final)
-    fsync_dir(final.parent)
 
 
 def resolve_checkpoint_path(path: str | os.PathLike) -> Path:

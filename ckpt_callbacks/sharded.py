@@ -45,7 +45,7 @@ from ckpt_callbacks.errors import CorruptCheckpointError
 from ckpt_callbacks.record import FOLDER_METADATA
 from ckpt_callbacks.serialization import read_state, verify_file
 from ckpt_callbacks.state import State
-from ckpt_callbacks.storage import fsync_dir, makedirs_durable, remove_checkpoint, temp_path_for
+from ckpt_callbacks.storage import fsync_dir, makedirs_durable, remove_checkpoint, replace_folder, temp_path_for
 
 __all__ = [
     "EXTRAS",
@@ -109,7 +109,7 @@ def write_sharded_checkpoint(
     try:
         write_sharded(temp, tensors, checkpoint or {}, checkpoint["state"]["metadata"] if checkpoint else {})
         if rank0:
-            _commit_folder(temp, path)
+            replace_folder(temp, path)
     except Exception as failure:  # noqa: BLE001 -- reported to every rank below
         error = failure
         if rank0:
@@ -117,18 +117,6 @@ def write_sharded_checkpoint(
     # Every rank returns only once rank 0 has committed the folder (or learns that it failed).
     dist.raise_if_any_failed(error, action=f"committing the sharded checkpoint {path}")
     return sum(file.stat().st_size for file in path.rglob("*") if file.is_file()) if rank0 else 0
-
-
-def _commit_folder(temp: Path, final: Path) -> None:
-    """Rename a complete temp folder onto its final name (replacing an older folder of that name)."""
-    if final.exists():
-        old = temp_path_for(final)
-        os.rename(final, old)
-        os.rename(temp, final)
-        remove_checkpoint(old)
-    else:
-        os.rename(temp, final)
-    fsync_dir(final.parent)
 
 
 def write_sharded(folder: Path, tensors: dict[str, Any], extras: dict[str, Any], json_metadata: dict[str, Any]) -> None:

@@ -63,6 +63,7 @@ __all__ = [
     "makedirs_durable",
     "publish_latest",
     "remove_checkpoint",
+    "replace_folder",
     "resolve_latest",
     "sweep_stale_temp_files",
     "temp_path_for",
@@ -479,3 +480,22 @@ def remove_checkpoint(path: Path) -> None:
     except FileNotFoundError:
         return
     fsync_dir(path.parent)
+
+
+def replace_folder(temp: Path, final: Path) -> None:
+    """Commit a complete folder (its files already fsynced) by renaming ``temp`` onto ``final``.
+
+    Folders cannot be ``os.replace``-d over a non-empty folder, so an older ``final`` is first
+    renamed aside under a temp name (which the sweep would remove after a crash), then deleted.
+
+    Example:
+        >>> replace_folder(Path("ckpt/.ba100.tmp-node7-4242-9f1c2a0b"), Path("ckpt/ba100"))  # doctest: +SKIP
+    """
+    if os.path.lexists(final):
+        old = temp_path_for(final)
+        os.rename(final, old)
+        os.rename(temp, final)
+        remove_checkpoint(old)
+    else:
+        os.rename(temp, final)
+    fsync_dir(final.parent)
