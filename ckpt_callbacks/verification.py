@@ -131,6 +131,8 @@ def _integrity_checks(fmt: FormatInfo) -> list[str]:
 
 def _verify_file(path: Path, fmt: FormatInfo, verdict: Verdict) -> None:
     verdict.checks += _integrity_checks(fmt)
+    if fmt.container == "tar" and _verify_folder_bundle(path, verdict):
+        return
     if fmt.container == "safetensors":
         verify_file(path)
         verdict.checks.append("safetensors header and sizes")
@@ -157,6 +159,20 @@ def _verify_file(path: Path, fmt: FormatInfo, verdict: Verdict) -> None:
     if fmt.codec is None:
         verdict.checks.append("zip CRC-32s")
     verdict.checks.append("loads with weights_only=True")
+
+
+def _verify_folder_bundle(path: Path, verdict: Verdict) -> bool:
+    """A tar of a trainer's folder (a Hugging Face ``checkpoint-N/``), not of one state dict: extract
+    it safely into a scratch folder and verify that like a folder. False for a state-dict tar."""
+    folder = path.parent if os.access(path.parent, os.W_OK) else None
+    with tempfile.TemporaryDirectory(prefix=".verify-", dir=folder) as scratch:
+        root = Path(scratch) / "bundle"
+        archive.extract(path, root)
+        if any((root / member).is_file() for member in (archive.MEMBER, archive.COMPOSER_MEMBER)):
+            return False
+        verdict.checks.append("members extract safely")
+        _verify_folder(root, verdict)
+    return True
 
 
 @contextmanager
