@@ -14,6 +14,7 @@ from ckpt_callbacks.dist import DistInfo
 from ckpt_callbacks.errors import CheckpointExistsError
 from ckpt_callbacks.naming import DIST_VARIABLES, RUN_VARIABLES, NameTemplate, check_relative, is_later
 from ckpt_callbacks.record import scan_folder
+from ckpt_callbacks.storage import resolve_latest
 from ckpt_callbacks.time import Timestamp
 
 __all__ = ["FOLDER_VARIABLES", "Layout"]
@@ -66,6 +67,11 @@ class Layout:
             return None
         values = {**self.fixed, **timestamp.format_variables()}
         return self.folder / check_relative(self.latest_filename.format(**values), argument="latest_filename")
+
+    def latest_target(self, timestamp: Timestamp) -> Path | None:
+        """Where the ``latest`` link of ``timestamp``'s name currently points (None: no link)."""
+        link = self.latest_path(timestamp)
+        return None if link is None else resolve_latest(link)
 
     def best_path(self) -> Path | None:
         """Where the ``best`` link goes (None: no link)."""

@@ -151,7 +151,7 @@ def find_resume_checkpoint(managers: Sequence[CheckpointManager]) -> Path | None
                               UserWarning, stacklevel=2)
                 manager.set_aside(info, problem)
             continue
-        if info is not None and manager.latest_link_target(info.timestamp) != manager.path_of(info):
+        if info is not None and manager.layout.latest_target(info.timestamp) != manager.path_of(info):
             manager.republish(info)
         if manager.ranks == "per_rank":
             return manager.path_of(info) if info is not None else None

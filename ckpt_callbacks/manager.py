@@ -2,13 +2,14 @@
 
 One save runs these steps, in this order, each a short method below::
 
-    capture -> serialize + encode -> commit -> publish -> prune
+    capture -> serialize + encode -> commit -> publish -> upload -> prune
 
 *capture* builds the payload on the caller's thread (the only step that must block training);
 the rest run on the manager's executor (inline for ``save_mode='sync'``). *serialize + encode*
 streams ``torch.save`` through the codec chosen by the file name into a temp file that *commit*
 fsyncs and renames onto the final name (:mod:`ckpt_callbacks.storage`). *publish* moves the
-``latest`` link atomically and records the checkpoint in the saver's record. *prune* applies the
+``latest`` link atomically and records the checkpoint in the saver's record. *upload* hands it to
+the store (:mod:`ckpt_callbacks.remote.target`), if any. *prune* applies the
 retention policy to everything the record holds, earlier runs included (Composer #2087), and never
 deletes the checkpoint ``latest`` points at or the one this run resumed from while it has no newer
 one. A crash at any point leaves the previous checkpoint and ``latest`` intact.
@@ -50,7 +51,9 @@ from ckpt_callbacks.record import (
     CheckpointInfo, CheckpointRecord, folder_files, metric_values, metrics_at_save,
 )
 from ckpt_callbacks.remote.target import RemoteConfig, RemoteTarget
-from ckpt_callbacks.retention import RetentionPolicy, check_best_filename, find_best_policy, retention_from_arguments
+from ckpt_callbacks.retention import (
+    RetentionPolicy, check_best_filename, find_best_policy, keeps_nothing, retention_from_arguments,
+)
 from ckpt_callbacks.serialization import check_ignore_keys, write_state
 from ckpt_callbacks.sharded import write_sharded_checkpoint
 from ckpt_callbacks.staging import StagingBuffers
@@ -364,7 +367,7 @@ class CheckpointManager(StoreSide):
         return target.size
 
     def _publish(self, info: CheckpointInfo) -> None:
-        if not _keeps_none(self.retention):
+        if not keeps_nothing(self.retention):
             self.republish(info)
         self.record.add(info)
         self.record.save()
@@ -420,7 +423,7 @@ class CheckpointManager(StoreSide):
             waiting = waiting[-self.max_unuploaded:]
         protected = {c.seq for c in waiting}
         newest = self.record.newest()
-        if newest is not None and not _keeps_none(self.retention):
+        if newest is not None and not keeps_nothing(self.retention):
             protected.add(newest.seq)
         lineage = self.record.lineage
         if self._resumed_from and lineage and not any(c.lineage == lineage.id for c in self.record.checkpoints):
@@ -442,16 +445,6 @@ class CheckpointManager(StoreSide):
         self.record.reconcile(
             self.folder, self.filename, self.layout.fixed, saver=self.key, run_name=self.run_name, remembered=self._remembered
         )
-
-    def latest_link_target(self, timestamp: Timestamp) -> Path | None:
-        """Where the ``latest`` link currently points (None if there is no link)."""
-        link = self.layout.latest_path(timestamp)
-        return None if link is None else resolve_latest(link)
-
-
-def _keeps_none(policy: RetentionPolicy) -> bool:
-    return getattr(policy, "n", None) == 0
-
 
 def _digest(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:10]

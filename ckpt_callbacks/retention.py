@@ -50,6 +50,7 @@ __all__ = [
     "RetentionPolicy",
     "check_best_filename",
     "find_best_policy",
+    "keeps_nothing",
     "retention_from_arguments",
 ]
 
@@ -395,3 +396,13 @@ def retention_from_arguments(num_checkpoints_to_keep: int, retention: RetentionP
         _check_policy("retention", retention)
         return retention
     return KeepAll() if num_checkpoints_to_keep == -1 else KeepLast(num_checkpoints_to_keep)
+
+
+def keeps_nothing(policy: RetentionPolicy) -> bool:
+    """Whether ``policy`` is ``KeepLast(0)``: nothing is kept locally, so no ``latest`` link is made.
+
+    Example:
+        >>> keeps_nothing(KeepLast(0)), keeps_nothing(KeepLast(2))
+        (True, False)
+    """
+    return isinstance(policy, KeepLast) and policy.n == 0
