@@ -47,7 +47,8 @@ from ckpt_callbacks.codecs import checkpoint_format
 from ckpt_callbacks.serialization import read_state, write_state
 from ckpt_callbacks.storage import atomic_write
 
-FAST = [".pt", ".pt.zst", ".pt.lz4", ".pt.gz", ".tar", ".tar.zst", "cli:zstd", "cli:lz4"]
+# "name@N" is that format at compression_level=N.
+FAST = [".pt", ".pt.zst", ".pt.zst@1", ".pt.lz4", ".pt.gz", ".tar", ".tar.zst", "cli:zstd", "cli:lz4"]
 SLOW = [".pt.bz2", ".pt.xz", ".pt.lzma"]
 WEIGHTS = [".pt", ".pt.zst", ".safetensors"]
 
@@ -105,9 +106,9 @@ def nbytes(obj: object) -> int:
     return 0
 
 
-def save_ours(checkpoint: dict, path: Path) -> None:
+def save_ours(checkpoint: dict, path: Path, level: int | None = None) -> None:
     with atomic_write(path) as out:
-        write_state(checkpoint, out.file, checkpoint_format(path.name))
+        write_state(checkpoint, out.file, checkpoint_format(path.name), level)
 
 
 def save_cli(checkpoint: dict, path: Path, tool: str) -> None:
@@ -166,7 +167,8 @@ def measure(
     for round_ in range(repeat):
         for index, name in enumerate(formats):
             tool = name.removeprefix("cli:") if name.startswith("cli:") else None
-            suffix = {"zstd": ".pt.zst", "lz4": ".pt.lz4"}.get(tool or "", name)
+            extension, _, level = name.partition("@")
+            suffix = {"zstd": ".pt.zst", "lz4": ".pt.lz4"}.get(tool or "", extension)
             path = folder / f"{label}-{index}{suffix}"
             # Start every save with no dirty pages of earlier files queued ahead of its fsync.
             os.sync()
@@ -174,7 +176,7 @@ def measure(
             if tool:
                 save_cli(checkpoint, path, tool)
             else:
-                save_ours(checkpoint, path)
+                save_ours(checkpoint, path, int(level) if level else None)
             results[name].save.append(time.perf_counter() - started)
             results[name].save_cpu.append(cpu_seconds() - cpu)
             results[name].size = path.stat().st_size
@@ -202,10 +204,13 @@ def table(results: dict[str, Result], title: str, state_bytes: int) -> list[str]
     ]  # fmt: skip
     for name, result in results.items():
         save, load = statistics.median(result.save), statistics.median(result.load)
-        tool = {".pt.zst": "zstd", ".pt.lz4": "lz4"}.get(name)
+        extension, _, level = name.partition("@")
+        tool = {".pt.zst": "zstd", ".pt.lz4": "lz4"}.get(extension)
         versus = cli.get(tool) if tool else None
         speedup = f"{statistics.median(versus.save) / save:.2f}x" if versus else ""
-        shown = f"`{name}`" if not name.startswith("cli:") else f"{name.removeprefix('cli:')} CLI pipe (Composer)"
+        shown = f"`{extension}`" + (f" level {level}" if level else "")
+        if name.startswith("cli:"):
+            shown = f"{name.removeprefix('cli:')} CLI pipe (Composer)"
         cpu = statistics.median(result.save_cpu)
         lines.append(
             f"| {shown} | {save:.2f} | {cpu:.2f} | {load:.2f} | {result.size / 1e6:.0f} | {save / base_save:.2f} | "

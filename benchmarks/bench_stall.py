@@ -52,13 +52,13 @@ from stall_peers import PEERS, SIZES, worker
 # ---------------------------------------------------------------------------- processes
 
 
-def spawn(peer: str, size: int, folder: Path, args: argparse.Namespace, throughput: bool, every: int) -> dict[str, Any]:
+def spawn(peer: str, size: int, folder: Path, args: argparse.Namespace, throughput: bool, every: list[int]) -> dict[str, Any]:
     """Run :func:`worker` for one peer in a fresh process; its result, or ``{'error': ...}``."""
     scratch = folder / "".join(c if c.isalnum() else "-" for c in f"{size}-{peer}")
     out = folder / "result.json"
     command = [
         sys.executable, __file__, "--worker", peer, "--size", str(size), "--checkpoints", str(args.checkpoints),
-        "--every", str(every), "--periods", str(args.periods), "--folder", str(scratch), "--result", str(out),
+        "--every", ",".join(map(str, every)), "--periods", str(args.periods), "--folder", str(scratch), "--result", str(out),
     ] + (["--throughput"] if throughput else [])  # fmt: skip
     started = time.perf_counter()
     print(f"[{time.strftime('%H:%M:%S')}] {size} MB: {peer}", end="", file=sys.stderr, flush=True)
@@ -105,14 +105,15 @@ def throughput_ratio(result: dict[str, Any], threads: str) -> tuple[float, float
     return statistics.median(b / a for a, b in pairs), statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs)
 
 
-def table(results: dict[str, dict[str, Any]], every: int) -> list[str]:
+def table(results: dict[str, dict[str, Any]], every: list[int]) -> list[str]:
     """A markdown table of one state size, with ratios against the peers of the same run."""
     ok = {name: r for name, r in results.items() if "records" in r}
     size = next(iter(ok.values()))["size_bytes"] / 1e6 if ok else 0
     bases = [median_of(ok[name], key) if name in ok else None
              for name, key in (("torch.save", "stall"), ("DCP async_save", "stall"), ("ours sync .pt", "durable"))]  # fmt: skip
     lines = [
-        f"**State of {size:.0f} MB** (fp32 weights + Adam moments){f'; K = {every} steps' if every else ''}", "",
+        f"**State of {size:.0f} MB** (fp32 weights + Adam moments)"
+        + (f"; a save every K = {every[0]} steps at 1 thread, {every[1]} at 2" if every else ""), "",
         "| peer | stall (s) | / torch.save | / DCP async | first stall | stall, 2 threads | durable (s) | / ours sync "
         "| peak extra (MB) | held (MB) | throughput with saves, 1 thread | 2 threads | load |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -129,7 +130,8 @@ def table(results: dict[str, dict[str, Any]], every: int) -> list[str]:
         cells = []
         for threads in ("1", "2"):
             got = throughput_ratio(result, threads)
-            cells.append(f"{got[0]:.3f} ({every / got[1]:.2f} / {every / got[2]:.2f} steps/s)" if got else "")
+            k = every[int(threads) - 1] if every else 0
+            cells.append(f"{got[0]:.3f} ({k / got[1]:.2f} / {k / got[2]:.2f} steps/s)" if got else "")
         lines.append(
             f"| {name} | {stall:.3f} | {ratio(stall, bases[0])} | {ratio(stall, bases[1])} | "
             f"{statistics.median(result['first']):.3f} | {median_of(result, 'stall', 2):.3f} | {durable:.3f} | "
@@ -183,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", help="comma-separated peers instead of all: " + ", ".join(PEERS))
     parser.add_argument("--rounds", type=int, default=2, help="processes per peer, in alternating order")
     parser.add_argument("--checkpoints", type=int, default=3, help="measured saves per round and thread count")
-    parser.add_argument("--every", type=int, help="K, steps between saves (default: our sync .pt costs 20%%)")
+    parser.add_argument("--every", help="K, steps between saves, or 'K1,K2' for 1 and 2 threads "
+                        "(default: where our sync .pt costs 20%% of the steps/s)")
     parser.add_argument("--periods", type=int, default=3, help="throughput pairs per round and thread count")
     parser.add_argument("--folder", type=Path, help="where files go (default: a temp folder under the current one)")
     for hidden in ("--worker", "--size", "--result"):
@@ -191,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--throughput", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        args.size, args.every = int(args.size), int(args.every)
+        args.size, args.every = int(args.size), [int(k) for k in args.every.split(",") if k]
         Path(args.result).write_text(json.dumps(worker(args)))
         return 0
     peers = [p.strip() for p in args.peers.split(",") if p.strip()] if args.peers else PEERS
@@ -203,12 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Machine: {machine()}.\nCommand: `{command}`.\n", flush=True)
     try:
         for size in [int(s) for s in args.sizes.split(",")]:
-            every = args.every or 0
+            every = ([int(k) for k in args.every.split(",")] * 2)[:2] if args.every else []
             if size in throughput_sizes and not every:
-                calibration = spawn("calibrate", size, folder, args, False, 1)
-                every = max(1, round(4 * calibration["save"] / calibration["step"]))
-                print(f"{size} MB: a training step takes {calibration['step']:.3f} s at 1 thread and our sync `.pt` "
-                      f"save {calibration['save']:.2f} s, so K = {every}.\n", flush=True)  # fmt: skip
+                calibration = spawn("calibrate", size, folder, args, False, [1, 1])
+                every = [max(1, round(4 * calibration["save"] / calibration[f"step{t}"])) for t in (1, 2)]
+                print(f"{size} MB: a training step takes {calibration['step1']:.3f} s at 1 thread, "
+                      f"{calibration['step2']:.3f} s at 2, and our sync `.pt` save {calibration['save']:.2f} s: "
+                      f"a save every K = {every[0]} and {every[1]} steps costs it 20%.\n", flush=True)  # fmt: skip
             runs: dict[str, list[dict[str, Any]]] = {peer: [] for peer in peers}
             for index in range(args.rounds):
                 for peer in peers if index % 2 == 0 else peers[::-1]:

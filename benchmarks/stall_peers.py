@@ -337,7 +337,8 @@ def lightning_run(asynchronous: bool, folder: Path, model: GPT, optimizer: torch
     for threads in (1, 2) if args.throughput else ():
         torch.set_num_threads(threads)
         pairs.clear()
-        fit(args.every * (2 * args.periods + 1), lambda step: step % (2 * args.every) == args.every, args.every)
+        every = args.every[threads - 1]
+        fit(every * (2 * args.periods + 1), lambda step: step % (2 * every) == every, every)
         result["throughput"][str(threads)] = list(pairs)
         clear(folder)
     return result
@@ -352,14 +353,16 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"size_bytes": sum(t.numel() * t.element_size() for t in tensors_of(
         {"model": model.state_dict(), "optimizer": optimizer.state_dict()}))}  # fmt: skip
     if args.worker == "calibrate":
-        torch.set_num_threads(1)
-        steps = []
-        for batch in batches[:4]:
-            started = time.perf_counter()
-            train_step(model, optimizer, batch)
-            steps.append(time.perf_counter() - started)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            steps = []
+            for batch in batches[:4]:
+                started = time.perf_counter()
+                train_step(model, optimizer, batch)
+                steps.append(time.perf_counter() - started)
+            result[f"step{threads}"] = statistics.median(steps[1:])
         records = loop_stall(LoopPeer("ours sync .pt", folder, model, optimizer), 2, [0])[1:3]
-        result.update(step=statistics.median(steps[1:]), save=statistics.median(r["durable"] for r in records))
+        result["save"] = statistics.median(r["durable"] for r in records)
     elif args.worker.startswith("Lightning"):
         result.update(lightning_run(args.worker.endswith("async"), folder, model, optimizer, batches, args))
     else:
@@ -370,7 +373,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         clear(folder)
         for threads in (1, 2) if args.throughput and args.worker != "copy floor" else ():
             torch.set_num_threads(threads)
-            result["throughput"][str(threads)] = loop_throughput(peer, batches, args.every, args.periods, step)
+            result["throughput"][str(threads)] = loop_throughput(peer, batches, args.every[threads - 1], args.periods, step)
             clear(folder)
         peer.close()
     result["load"] = [load, os.getloadavg()[0]]

@@ -14,17 +14,13 @@ Three small pieces that :mod:`ckpt_callbacks.codecs` and :mod:`ckpt_callbacks.ar
   half-written file would load as a shorter, "valid" stream; the walk refuses it before decoding.
 * :class:`CheckedReader` fails at the end of a stream whose decoded length differs from what its
   headers declared.
-* :func:`copy_overlapped` copies a decoding stream to a file with decoding and writing on two
-  threads (both release the GIL), so a load costs about the slower of the two, not their sum.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import queue
 import struct
-import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,7 +32,6 @@ __all__ = [
     "ChunkedWriter",
     "ReplayReader",
     "check_zstd_frames",
-    "copy_overlapped",
     "worker_count",
 ]
 
@@ -260,52 +255,3 @@ def check_zstd_frames(raw: BinaryIO) -> int | None:
         raw.seek(position)
     raw.seek(0)
     return total if sized else None
-
-
-def copy_overlapped(source: BinaryIO, target: BinaryIO, *, chunk_bytes: int = 4 * 2**20, depth: int = 4) -> int:
-    """Copy ``source`` to ``target``, reading on a helper thread while this one writes.
-
-    At most ``depth`` chunks wait between the two, so memory stays bounded. An error of either side
-    is raised here (the reader's after the chunks it read before failing are written).
-
-    Returns:
-        The number of bytes copied.
-
-    Example:
-        >>> out = io.BytesIO()
-        >>> copy_overlapped(io.BytesIO(b"abc" * 1000), out, chunk_bytes=64)
-        3000
-    """
-    chunks: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def read() -> None:
-        try:
-            while not stop.is_set():
-                chunk = source.read(chunk_bytes)
-                if not chunk:
-                    break
-                chunks.put(chunk)
-        except BaseException as error:  # noqa: BLE001 -- handed to the writing thread
-            chunks.put(error)
-            return
-        chunks.put(None)
-
-    reader = threading.Thread(target=read, name="ckpt-decode", daemon=True)
-    reader.start()
-    copied = 0
-    try:
-        while (chunk := chunks.get()) is not None:
-            if isinstance(chunk, BaseException):
-                raise chunk
-            target.write(chunk)
-            copied += len(chunk)
-    finally:
-        stop.set()
-        while reader.is_alive():  # unblock a reader waiting on a full queue, then let it finish
-            try:
-                chunks.get(timeout=0.1)
-            except queue.Empty:
-                pass
-        reader.join()
-    return copied

@@ -33,7 +33,6 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import BinaryIO
 
-from ckpt_callbacks._streams import copy_overlapped
 from ckpt_callbacks.codecs import CheckpointFormat, checkpoint_format
 from ckpt_callbacks.decoding import open_decoded
 from ckpt_callbacks.errors import CheckpointError, ConfigurationError, CorruptCheckpointError, bad_value
@@ -46,7 +45,7 @@ MEMBER = "checkpoint.pt"
 COMPOSER_MEMBER = "composer_states.pt"
 """The member name Composer's tar checkpoints use; read as well as :data:`MEMBER`."""
 
-_COPY_BYTES = 2**20
+_COPY_BYTES = 4 * 2**20
 _BLOCK = tarfile.BLOCKSIZE
 # Extraction filters arrived in Python 3.10.12 / 3.11.4; before them only our own checks run.
 _FILTER_ERRORS = getattr(tarfile, "FilterError", ())
@@ -224,7 +223,8 @@ def copy_member(stream: BinaryIO, out: BinaryIO, *, source: Path, names: Sequenc
                 if member.isreg() and _normal(member.name) in wanted:
                     data = tar.extractfile(member)
                     assert data is not None  # a regular member always has data
-                    if copy_overlapped(data, out) != member.size:
+                    shutil.copyfileobj(data, out, _COPY_BYTES)
+                    if data.tell() != member.size:
                         raise CorruptCheckpointError(f"{source} is corrupt: tar member {member.name!r} is cut short")
                     return member.name
     except (tarfile.TarError, EOFError, OSError) as e:

@@ -28,6 +28,7 @@ from ckpt_callbacks.errors import ConfigurationError, bad_value
 from ckpt_callbacks.loader import find_resume_checkpoint
 from ckpt_callbacks.locations import is_uri, local_checkpoint
 from ckpt_callbacks.record import NATIVE_METADATA_KEY
+from ckpt_callbacks.storage import temp_path_for
 
 if TYPE_CHECKING:
     from ckpt_callbacks.integrations._lightning import LightningSaverMixin
@@ -184,12 +185,17 @@ class LightningIOMixin:
             yield str(path)
             return
         with open_decoded(path) as decoded:
+            if decoded.kind == "safetensors":
+                accepted = "a full checkpoint to resume from (a .safetensors export holds weights only)"
+                raise ConfigurationError(bad_value("ckpt_path", accepted, str(path)))
             if decoded.kind == "zip" and decoded.codec is None:
                 yield str(path)
                 return
-            scratch = Path(tempfile.mkdtemp(prefix="ckpt-callbacks-lightning-"))
+            # Decoded next to the checkpoint, as our own loader does (/tmp is often a small tmpfs on
+            # training nodes); a temp name, so that a saver's sweep removes what a crash leaves.
+            scratch = None if os.access(path.parent, os.W_OK) else Path(tempfile.mkdtemp(prefix="ckpt-callbacks-"))
+            plain = scratch / "checkpoint.ckpt" if scratch else temp_path_for(path.parent / f"decoded-{path.name}")
             try:
-                plain = scratch / "checkpoint.ckpt"
                 with open(plain, "wb") as out:
                     if decoded.kind == "tar":
                         copy_member(decoded.stream, out, source=path)
@@ -197,4 +203,6 @@ class LightningIOMixin:
                         shutil.copyfileobj(decoded.stream, out, 2**20)
                 yield str(plain)
             finally:
-                shutil.rmtree(scratch, ignore_errors=True)
+                plain.unlink(missing_ok=True)
+                if scratch is not None:
+                    shutil.rmtree(scratch, ignore_errors=True)
