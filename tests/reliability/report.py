@@ -2,7 +2,7 @@
 
 Usage, from the repository root::
 
-    python -m tests.reliability.report --trials 500            # about an hour on 2 cores
+    python -m tests.reliability.report --trials 500            # 15 to 30 minutes on 2 cores
     python -m tests.reliability.report --from-json figures.json  # print a table from an earlier run
 
 The suite (``pytest tests/reliability --trials N --reliability-stats PATH``) writes what each

@@ -53,6 +53,7 @@ def _trial(victim: Victim, findings: Findings, scratch: Path, *, kill: random.Ra
         victim.finish()
     except Hang as hang:
         victim.kill()
+        findings.trials += 1
         findings.hangs += 1
         findings.problems.append(str(hang))
         return
@@ -63,7 +64,7 @@ def _trial(victim: Victim, findings: Findings, scratch: Path, *, kill: random.Ra
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_kill_at_random_instants(tmp_path: Path, budget, figures, rng: random.Random, mode: str, upload: bool) -> None:
     findings = Findings()
-    for index in range(budget.kills(share=0.6 / 4, ci=3)):
+    for index in range(budget.kills(share=0.65 / 4, ci=3)):
         config = _config(tmp_path, index, save_mode=mode, filename=FORMATS[index % 3], upload=upload)
         victim = Victim(config, log=tmp_path / f"victim{index:03d}.log")
         _trial(victim, findings, tmp_path, kill=rng, from_store=upload and index % 2 == 1)

@@ -90,13 +90,16 @@ def test_sigterm_saves_at_the_next_batch_boundary_then_the_process_dies_of_it(
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_sigterm_during_a_save_completes_it_and_exits(tmp_path: Path, figures, budget, mode: str) -> None:
     """The signal lands at each operation of a save in turn (the crash hook sends SIGTERM instead of SIGKILL)."""
-    findings = Findings()
+    findings, fired = Findings(), 0
     points = range(1, 20) if budget.full else (1, 2, 6, 9)  # in CI: temp file opened, fsync, latest swap, record
     for index, n in enumerate(points):
         config = replace(_config(tmp_path / f"trial{index}", save_mode=mode, save_interval="1ba", max_batches=10),
                          crash=f"any:{n}", crash_signal="SIGTERM", crash_from_batch=4, crash_until_batch=5)
         victim = Victim(config, log=tmp_path / f"victim{index}.log").start()
         victim.finish()
+        if not victim.seen("crash"):
+            continue  # async saves overlap batches: this batch had fewer operations this time
+        fired += 1
         if victim.returncode != -signal.SIGTERM:
             findings.problems.append(f"signal at operation {n}: exit status {victim.returncode}")
         elif max(victim.batches("saved"), default=0) not in (4, 5):
@@ -104,6 +107,7 @@ def test_sigterm_during_a_save_completes_it_and_exits(tmp_path: Path, figures, b
         check_crash(victim, findings, tmp_path)
     figures.add("SIGTERM during a save", findings)
     assert not findings.problems, findings.problems
+    assert fired >= 0.8 * len(points), f"the signal was sent in {fired} of {len(points)} trials"
 
 
 def test_uploads_are_drained_for_a_bounded_time_only(tmp_path: Path, seaweedfs_bucket, fault_proxy_factory,
