@@ -53,8 +53,9 @@ class CheckpointSaver(Callback):
             ``{run_name}``, the rank variables, ``{epoch}``, ``{batch}``, ``{batch_in_epoch}``,
             ``{sample}``, ``{sample_in_epoch}``, ``{token}``, ``{token_in_epoch}``,
             ``{total_wct}``, ``{epoch_wct}``, ``{batch_wct}``; format specs work (``{epoch:03d}``).
-            The extension chooses the format (``.pt`` plain; ``.pt.gz``, ``.pt.bz2``, ``.pt.xz``,
-            ``.pt.lzma``, ``.pt.zst``, ``.pt.lz4`` compressed).
+            The extension chooses the format: ``.pt`` plain; ``.pt.zst``, ``.pt.lz4``, ``.pt.gz``,
+            ``.pt.bz2``, ``.pt.xz``, ``.pt.lzma`` compressed; ``.tar``, ``.tgz``, ``.tar.gz``, ``.tar.bz2``,
+            ``.tar.xz``, ``.tar.lzma``, ``.tar.zst``, ``.tar.lz4`` bundles; ``.safetensors`` (weights only).
         remote_file_name: object key template under ``remote`` (every format variable); default
             ``folder/filename`` for a relative folder (Composer's default key), else ``filename``.
         latest_filename: template of the ``latest`` symlink relative to ``folder``; ``None``
