@@ -238,7 +238,7 @@ def export_weights(
     })
     payload = weights if bare and not fmt.tensors_only else {"state": {"model": weights, "metadata": metadata}}
     makedirs_durable(out.parent)
-    with atomic_write(out, overwrite=overwrite) as target:
+    with atomic_write(out, overwrite=overwrite, payload=True) as target:
         write_state(payload, target.file, fmt, compression_level)
     tensors = [value for value in weights.values() if isinstance(value, torch.Tensor)]
     label = fmt.container if fmt.codec is None else f"{fmt.container}+{fmt.codec.name}"

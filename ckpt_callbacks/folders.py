@@ -107,7 +107,7 @@ def commit_folder(staging: Path, final: Path, fmt: CheckpointFormat, level: int 
         check_folder_format(fmt, final.name)
         makedirs_durable(final.parent)
         if fmt.container == "tar":
-            with atomic_write(final) as out:
+            with atomic_write(final, payload=True) as out:
                 bundle(staging, out.file, fmt, level=level)
             return out.size or 0
         size = _fsync_tree(staging)

@@ -362,7 +362,7 @@ class CheckpointManager(StoreSide):
         as a RuntimeError)."""
         with named_failures(path):
             makedirs_durable(path.parent)
-            with atomic_write(path) as target:
+            with atomic_write(path, payload=True) as target:
                 write_state(checkpoint, target.file, self.format, self.compression_level)
         return target.size
 

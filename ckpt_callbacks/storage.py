@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from ckpt_callbacks.direct_io import open_for_payload
 from ckpt_callbacks.errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -260,12 +261,14 @@ def _move_into_place(temp: Path, final: Path, overwrite: bool) -> None:
 
 
 @contextmanager
-def atomic_write(final: Path, *, overwrite: bool = True) -> Iterator[AtomicFile]:
+def atomic_write(final: Path, *, overwrite: bool = True, payload: bool = False) -> Iterator[AtomicFile]:
     """Write a file that appears under ``final`` complete and durable, or not at all.
 
     The block writes to ``out.file``; on normal exit the data is flushed, fsynced, moved onto
     ``final`` and the folder fsynced. On an exception in the block or during commit the temp file
-    is deleted and the exception re-raised. The folder of ``final`` must exist.
+    is deleted and the exception re-raised. The folder of ``final`` must exist. ``payload=True``
+    marks a large file written once (a checkpoint): it bypasses the page cache where the
+    filesystem allows (:mod:`ckpt_callbacks.direct_io`).
 
     Raises:
         ConfigurationError: ``final`` has a temp name.
@@ -279,7 +282,7 @@ def atomic_write(final: Path, *, overwrite: bool = True) -> Iterator[AtomicFile]
     final = Path(final)
     _refuse_temp_name("final", final)
     temp = temp_path_for(final)
-    out = AtomicFile(file=open(temp, "xb"), final=final, temp=temp)
+    out = AtomicFile(file=open_for_payload(temp) if payload else open(temp, "xb"), final=final, temp=temp)
     try:
         yield out
         size = _fsync_temp(out)

@@ -31,7 +31,7 @@ from train_victim import VictimConfig
 
 FORMATS = ("ba{batch}.pt", "ba{batch}.pt.zst", "ba{batch}.tar.zst")
 WINDOW = (4, 5)  # crash points are enumerated over the operations of this batch (saves of nearby ones overlap)
-_STRACE_CALLS = ("write", "fsync", "rename", "symlink", "unlink")
+_STRACE_CALLS = ("write", "pwrite64", "fsync", "rename", "symlink", "unlink")  # checkpoints: pwrite64 (direct_io)
 _STRACE_LINE = re.compile(r"^(?P<tid>\d+)\s+(?P<call>\w+)\((?P<args>.*)\)\s+=\s+(?P<result>-?\d+)")
 
 
@@ -201,7 +201,7 @@ def test_kill_at_system_calls_under_strace(tmp_path: Path, budget, figures, rng:
         chosen = calls
     else:
         # The last write of the checkpoint, its fsync, and the rename that commits it.
-        last_write = [c for c in calls if c[0] == "write" and ".tmp-" in c[2] and ".pt.zst" in c[2]][-1]
+        last_write = [c for c in calls if c[0] in ("write", "pwrite64") and ".tmp-" in c[2] and ".pt.zst" in c[2]][-1]
         chosen = [last_write, next(c for c in calls if c[0] == "fsync"), next(c for c in calls if c[0] == "rename")]
     findings = Findings()
     for index, (call, ordinal, _) in enumerate(chosen, start=1):
