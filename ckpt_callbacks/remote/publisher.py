@@ -32,7 +32,7 @@ from ckpt_callbacks.errors import (
     CheckpointNotFoundError, StoreError, TransientStoreError, UploadError, UploadTimeoutError,
 )
 from ckpt_callbacks.record import CheckpointInfo
-from ckpt_callbacks.remote.base import CHECKSUM_METADATA_KEY, RemoteStore, checksum_file
+from ckpt_callbacks.remote.base import RemoteStore
 from ckpt_callbacks.remote.futures import UploadFuture
 from ckpt_callbacks.remote.upload_job import RetryPolicy
 from ckpt_callbacks.remote.uploader import Uploader
@@ -131,9 +131,8 @@ class RemotePublisher:
             return
         try:
             for path, key in checkpoint.uploads:
-                metadata = {CHECKSUM_METADATA_KEY: checksum_file(path)}
                 checkpoint.futures.append(
-                    self.uploader.submit(path, key, overwrite=self.overwrite, metadata=metadata, on_done=settled)
+                    self.uploader.submit(path, key, overwrite=self.overwrite, checksum=True, on_done=settled)
                 )
         except BaseException:
             with self._idle:  # nothing more will settle: the checkpoint is not in flight any more

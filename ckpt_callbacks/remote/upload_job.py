@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 from ckpt_callbacks.errors import CheckpointExistsError, TransientStoreError, UploadError, UploadTimeoutError
-from ckpt_callbacks.remote.base import RemoteStore
+from ckpt_callbacks.remote.base import CHECKSUM_METADATA_KEY, RemoteStore, checksum_file
 from ckpt_callbacks.remote.futures import UploadFuture
 from ckpt_callbacks.storage import temp_path_for
 
@@ -87,6 +87,7 @@ class RetryPolicy:
 class UploadJob:
     """One submitted upload: what to send, where, and how far it got.
 
+    ``add_checksum`` has the worker add the file's checksum to ``metadata`` before the first attempt.
     ``deadline`` is set at the first attempt (or, for a job queued behind an abandoned upload of the
     same key, when that one was abandoned); ``in_call`` tells the supervisor whether the worker is
     inside the store; ``abandoned`` marks a job whose worker the supervisor replaced.
@@ -102,6 +103,7 @@ class UploadJob:
     overwrite: bool
     metadata: dict[str, str] | None
     where: str
+    add_checksum: bool = False
     deadline: float | None = None
     in_call: bool = False
     abandoned: bool = False
@@ -139,6 +141,13 @@ class UploadJob:
             (``stopping`` was set, or someone else settled the future first).
         """
         future = self.future
+        if self.add_checksum and CHECKSUM_METADATA_KEY not in (self.metadata or {}):
+            # Here, on the upload worker: the CRC of a big file takes a tenth of a second per 512 MB,
+            # which the thread handing the file over (often the training thread) must not pay.
+            try:
+                self.metadata = {**(self.metadata or {}), CHECKSUM_METADATA_KEY: checksum_file(self.source)}
+            except OSError as error:
+                return self.error(UploadError, f"failed: cannot read it ({error})", error)
         deadline = self.deadline if self.deadline is not None else clock() + policy.timeout
         cause: BaseException | None = None
         for attempt in range(1, policy.max_attempts + 1):

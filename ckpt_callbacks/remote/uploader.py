@@ -166,6 +166,7 @@ class Uploader:
         *,
         overwrite: bool = True,
         metadata: Mapping[str, str] | None = None,
+        checksum: bool = False,
         on_done: DoneCallback | None = None,
     ) -> UploadFuture:
         """Pin ``local_path``'s bytes now and queue their upload to ``key``; block while the queue is full.
@@ -177,6 +178,8 @@ class Uploader:
                 as cause).
             metadata: user metadata stored with the object (its checksum, which also lets the
                 backend recognise, under ``overwrite=False``, an earlier attempt that landed).
+            checksum: compute the file's checksum on the upload worker (not on the calling thread)
+                and add it to ``metadata``.
             on_done: called with the future once it settles (see :meth:`UploadFuture.add_done_callback`).
 
         Raises:
@@ -205,7 +208,9 @@ class Uploader:
         future = UploadFuture(key, local, os.stat(source).st_size, self.clock)
         if on_done is not None:
             future.add_done_callback(on_done)
-        job = UploadJob(future, source, file, link, bool(overwrite), dict(metadata) if metadata else None, where)
+        job = UploadJob(
+            future, source, file, link, bool(overwrite), dict(metadata) if metadata else None, where, bool(checksum)
+        )
         try:
             self._enqueue(job)
         except BaseException:
