@@ -37,7 +37,7 @@ from ckpt_callbacks.serialization import SCHEMA_VERSION, apply_ignore_keys
 from ckpt_callbacks.sharded import consolidate, sharded_tensors
 from ckpt_callbacks.staging import StagingBuffers
 from ckpt_callbacks.state import State, capture_rng_state
-from ckpt_callbacks.storage import temp_path_for
+from ckpt_callbacks.temp_files import temp_path_for
 from ckpt_callbacks.time import Timestamp
 
 __all__ = ["Captured", "Capturer", "FolderCheckpoint", "NativeCheckpoint", "Payload"]

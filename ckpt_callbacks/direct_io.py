@@ -21,6 +21,7 @@ metadata, so :func:`~ckpt_callbacks.storage.atomic_write` still fsyncs before th
 from __future__ import annotations
 
 import io
+import mmap
 import os
 import queue
 import threading
@@ -95,8 +96,6 @@ def _take_buffer() -> np.ndarray:
         if _pool:
             return _pool.pop()
     # An anonymous mmap is page-aligned, as O_DIRECT requires of the memory it writes from.
-    import mmap
-
     return np.frombuffer(mmap.mmap(-1, _BUFFER_BYTES), dtype=np.uint8)
 
 
@@ -124,8 +123,8 @@ class DirectFile(io.RawIOBase):
         self._free: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()  # written, back from the writer
         self._full: queue.SimpleQueue[tuple[np.ndarray, int, int] | None] = queue.SimpleQueue()
         self._in_flight = 0
-        self._failed = False  # a write failed: the file is garbage, close() only releases
-        self._error: BaseException | None = None
+        self._error: BaseException | None = None  # a failed write: the file is garbage, close() only releases
+        self._released = False
         self._writer: threading.Thread | None = None
 
     # -- the io interface
@@ -162,7 +161,7 @@ class DirectFile(io.RawIOBase):
 
     def flush(self) -> None:
         """Write everything, including the last partial block (after which writes are buffered)."""
-        if self.closed:
+        if self.closed or self._released:
             return
         self._drain()
         self._raise_if_failed()
@@ -182,12 +181,13 @@ class DirectFile(io.RawIOBase):
         if self.closed:
             return
         try:
-            if not self._failed:
+            if self._error is None:
                 self.flush()
         finally:
             self._stop_writer()
             _give_back(self._buffers)
             self._buffers, self._idle, self._buffer = [], [], None
+            self._released = True  # io's close() flushes once more: nothing is left to write
             try:
                 os.close(self._fd)
             finally:
@@ -222,8 +222,8 @@ class DirectFile(io.RawIOBase):
             if self._error is None:
                 try:
                     self._pwrite_all(memoryview(buffer)[:length], offset)
-                except BaseException as error:  # noqa: BLE001 -- raised on the caller's thread
-                    self._error = error
+                except BaseException:  # noqa: BLE001 -- kept in _error, raised at the caller's next call
+                    pass
             self._free.put(buffer)
 
     def _drain(self) -> None:
@@ -240,15 +240,22 @@ class DirectFile(io.RawIOBase):
             self._writer = None
 
     def _raise_if_failed(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
+        """Raise, as a new exception each time (re-raising one object would rewrite its context), the
+        failure of an earlier write."""
+        error = self._error
+        if isinstance(error, OSError):
+            raise OSError(error.errno, error.strerror, self.name) from error
+        if error is not None:
+            raise OSError(f"writing {self.name} failed: {error!r}") from error
 
     def _pwrite_all(self, view: memoryview, offset: int) -> None:
         try:
             while len(view):
                 written = os.pwrite(self._fd, view, offset)
                 view, offset = view[written:], offset + written
-        except BaseException:
-            self._failed = True
+        except OSError as error:
+            self._error = error
+            self._raise_if_failed()  # names the file, which pwrite's errors do not
+        except BaseException as error:  # an interrupt: the file is garbage, the interrupt goes on
+            self._error = error
             raise

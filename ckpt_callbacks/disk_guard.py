@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ckpt_callbacks.errors import CheckpointError
-from ckpt_callbacks.storage import is_temp_name
+from ckpt_callbacks.temp_files import is_temp_name
 
 __all__ = ["check_free_space", "named_failures", "os_cause", "write_failure"]
 

@@ -55,7 +55,7 @@ def check_folder_format(fmt: CheckpointFormat, template: str, *, argument: str =
 def snapshot_folder(source: Path, staging: Path) -> None:
     """Hard-link (or copy) every file under ``source`` into the new folder ``staging``, keeping paths.
 
-    ``staging`` should be a temp name (:func:`~ckpt_callbacks.storage.temp_path_for`) in the folder
+    ``staging`` should be a temp name (:func:`~ckpt_callbacks.temp_files.temp_path_for`) in the folder
     where the checkpoint will be committed, so that hard links and the final rename stay on one
     file system. A failure removes what was made.
 

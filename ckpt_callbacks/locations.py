@@ -37,7 +37,8 @@ from ckpt_callbacks.errors import CheckpointExistsError, CheckpointNotFoundError
 from ckpt_callbacks.progress import Progress
 from ckpt_callbacks.remote import RemoteStore, open_store
 from ckpt_callbacks.remote.publisher import POINTER_SUFFIX
-from ckpt_callbacks.storage import makedirs_durable, remove_checkpoint, replace_folder, resolve_latest, temp_path_for
+from ckpt_callbacks.storage import makedirs_durable, remove_checkpoint, replace_folder, resolve_latest
+from ckpt_callbacks.temp_files import temp_path_for
 
 __all__ = ["RemoteLocations", "RemoteTarget", "is_uri", "local_checkpoint", "resolve_checkpoint_path", "split_uri"]
 

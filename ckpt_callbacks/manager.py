@@ -58,14 +58,8 @@ from ckpt_callbacks.serialization import check_ignore_keys, write_state
 from ckpt_callbacks.sharded import write_sharded_checkpoint
 from ckpt_callbacks.staging import StagingBuffers
 from ckpt_callbacks.state import State
-from ckpt_callbacks.storage import (
-    atomic_write,
-    makedirs_durable,
-    publish_latest,
-    remove_checkpoint,
-    resolve_latest,
-    sweep_stale_temp_files,
-)
+from ckpt_callbacks.storage import atomic_write, makedirs_durable, publish_latest, remove_checkpoint, resolve_latest
+from ckpt_callbacks.temp_files import sweep_stale_temp_files
 from ckpt_callbacks.time import Timestamp
 
 __all__ = ["FOLDER_VARIABLES", "RANK_MODES", "CheckpointManager"]

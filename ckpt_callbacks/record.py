@@ -25,7 +25,8 @@ from ckpt_callbacks.decoding import open_decoded
 from ckpt_callbacks.errors import ConfigurationError, CorruptCheckpointError, bad_value
 from ckpt_callbacks.naming import NameTemplate
 from ckpt_callbacks.serialization import read_state
-from ckpt_callbacks.storage import atomic_write, is_temp_name
+from ckpt_callbacks.storage import atomic_write
+from ckpt_callbacks.temp_files import is_temp_name
 from ckpt_callbacks.time import Timestamp
 
 __all__ = [

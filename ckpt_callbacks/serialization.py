@@ -52,7 +52,7 @@ from ckpt_callbacks.codecs import SNIFF_BYTES, CheckpointFormat, sniff
 from ckpt_callbacks.decoding import open_decoded
 from ckpt_callbacks.errors import ConfigurationError, CorruptCheckpointError, bad_value
 from ckpt_callbacks.safetensors_format import read_safetensors, write_safetensors
-from ckpt_callbacks.storage import temp_path_for
+from ckpt_callbacks.temp_files import temp_path_for
 
 __all__ = [
     "SAFE_GLOBALS",

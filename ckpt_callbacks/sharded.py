@@ -45,7 +45,8 @@ from ckpt_callbacks.errors import CorruptCheckpointError
 from ckpt_callbacks.record import FOLDER_METADATA
 from ckpt_callbacks.serialization import read_state, verify_file
 from ckpt_callbacks.state import State
-from ckpt_callbacks.storage import fsync_dir, makedirs_durable, remove_checkpoint, replace_folder, temp_path_for
+from ckpt_callbacks.storage import fsync_dir, makedirs_durable, remove_checkpoint, replace_folder
+from ckpt_callbacks.temp_files import temp_path_for
 
 __all__ = [
     "EXTRAS",

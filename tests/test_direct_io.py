@@ -17,7 +17,8 @@ from ckpt_callbacks import direct_io
 from ckpt_callbacks.direct_io import DirectFile, open_for_payload
 from ckpt_callbacks.codecs import checkpoint_format
 from ckpt_callbacks.serialization import read_state, write_state
-from ckpt_callbacks.storage import atomic_write, is_temp_name
+from ckpt_callbacks.storage import atomic_write
+from ckpt_callbacks.temp_files import is_temp_name
 
 MIB = 2**20
 BUFFER = direct_io._BUFFER_BYTES
@@ -137,3 +138,17 @@ def test_a_full_disk_fails_the_write_and_keeps_the_previous_file(small_ext4: Pat
     assert any(getattr(e, "errno", None) == errno.ENOSPC for e in chain), chain
     assert torch.equal(torch.load(previous)["w"], torch.ones(1024))
     assert sorted(p.name for p in small_ext4.iterdir() if p.name != "lost+found") == ["latest.pt"]
+
+
+def test_a_write_that_fails_on_the_writer_thread_is_raised_naming_the_file(small_ext4: Path) -> None:
+    path = small_ext4 / "payload.bin"
+    file = _open_direct(path)
+    with pytest.raises(OSError) as raised:
+        for _ in range(8):  # 64 MiB into 16 MiB
+            file.write(bytes(BUFFER))
+        file.flush()
+    assert raised.value.errno == errno.ENOSPC and str(path) in str(raised.value)
+    with pytest.raises(OSError):
+        file.write(b"more")  # a failed file stays failed
+    file.close()
+    assert file.closed

@@ -22,17 +22,14 @@ from ckpt_callbacks.errors import (
 )
 from ckpt_callbacks.storage import (
     POINTER_MAGIC,
-    TEMP_INFIX,
     atomic_write,
     fsync_dir,
-    is_temp_name,
     makedirs_durable,
     publish_latest,
     remove_checkpoint,
     resolve_latest,
-    sweep_stale_temp_files,
-    temp_path_for,
 )
+from ckpt_callbacks.temp_files import TEMP_INFIX, is_temp_name, sweep_stale_temp_files, temp_path_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -303,7 +300,7 @@ def test_sweep_dead_pid_removed_live_kept(tmp_path: Path, caplog: pytest.LogCapt
     os.symlink("a.pt", dead_link)
     live = temp_path_for(tmp_path / "b.pt")
     live.write_bytes(b"y")
-    with caplog.at_level(logging.INFO, logger="ckpt_callbacks.storage"):
+    with caplog.at_level(logging.INFO, logger="ckpt_callbacks.temp_files"):
         removed = sweep_stale_temp_files(tmp_path)
     assert sorted(removed) == sorted([dead, dead_link])
     assert sorted(os.listdir(tmp_path)) == [live.name]

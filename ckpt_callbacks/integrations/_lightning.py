@@ -40,7 +40,8 @@ from ckpt_callbacks.integrations._adapter import (
 from ckpt_callbacks.integrations._lightning_io import AUTORESUME, LightningIOMixin
 from ckpt_callbacks.locations import is_uri
 from ckpt_callbacks.saver import CheckpointSaver
-from ckpt_callbacks.storage import remove_checkpoint, temp_path_for
+from ckpt_callbacks.storage import remove_checkpoint
+from ckpt_callbacks.temp_files import temp_path_for
 from ckpt_callbacks.time import Time, Timestamp, TimeUnit
 
 __all__ = ["LightningSaverMixin"]

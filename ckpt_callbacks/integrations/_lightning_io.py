@@ -28,7 +28,7 @@ from ckpt_callbacks.errors import ConfigurationError, bad_value
 from ckpt_callbacks.loader import find_resume_checkpoint
 from ckpt_callbacks.locations import is_uri, local_checkpoint
 from ckpt_callbacks.record import NATIVE_METADATA_KEY
-from ckpt_callbacks.storage import temp_path_for
+from ckpt_callbacks.temp_files import temp_path_for
 
 if TYPE_CHECKING:
     from ckpt_callbacks.integrations._lightning import LightningSaverMixin

@@ -45,7 +45,8 @@ from ckpt_callbacks.errors import (
 )
 from ckpt_callbacks.remote.base import ObjectInfo, ProgressCallback, check_key, same_object, verify_file
 from ckpt_callbacks.remote.errors import translate_fsspec_error, translated
-from ckpt_callbacks.storage import atomic_write, is_temp_name, makedirs_durable, sweep_stale_temp_files, temp_path_for
+from ckpt_callbacks.storage import atomic_write, makedirs_durable
+from ckpt_callbacks.temp_files import is_temp_name, sweep_stale_temp_files, temp_path_for
 
 __all__ = ["FsspecStore"]
 
@@ -351,7 +352,7 @@ class FsspecStore:
         """Remove temp objects that interrupted uploads left under the prefix; return how many.
 
         On the local disk a temp file goes when its writer's process is gone or it is older than
-        the bound (:func:`~ckpt_callbacks.storage.sweep_stale_temp_files`); elsewhere when it is
+        the bound (:func:`~ckpt_callbacks.temp_files.sweep_stale_temp_files`); elsewhere when it is
         older than the bound, where the filesystem reports modification times.
         """
         if not older_than_seconds >= 0:

@@ -27,7 +27,7 @@ from ckpt_callbacks.remote.factory import open_store
 from ckpt_callbacks.remote.publisher import POINTER_SUFFIX, RemoteCheckpoint, RemotePublisher, manifest_info
 from ckpt_callbacks.remote.uploader import Uploader
 from ckpt_callbacks.retention import RetentionPolicy
-from ckpt_callbacks.storage import temp_path_for
+from ckpt_callbacks.temp_files import temp_path_for
 from ckpt_callbacks.time import Timestamp
 
 __all__ = ["RemoteConfig", "RemoteTarget"]

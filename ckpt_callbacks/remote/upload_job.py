@@ -28,7 +28,7 @@ from typing import BinaryIO, Callable
 from ckpt_callbacks.errors import CheckpointExistsError, TransientStoreError, UploadError, UploadTimeoutError
 from ckpt_callbacks.remote.base import CHECKSUM_METADATA_KEY, RemoteStore, checksum_file
 from ckpt_callbacks.remote.futures import UploadFuture
-from ckpt_callbacks.storage import temp_path_for
+from ckpt_callbacks.temp_files import temp_path_for
 
 __all__ = ["RetryPolicy", "UploadJob", "pin_file"]
 

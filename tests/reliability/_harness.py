@@ -46,7 +46,8 @@ from ckpt_callbacks.errors import CheckpointError
 from ckpt_callbacks.remote import open_store
 from ckpt_callbacks.remote.publisher import MANIFEST_SUFFIX
 from ckpt_callbacks.serialization import verify_file
-from ckpt_callbacks.storage import is_temp_name, resolve_latest
+from ckpt_callbacks.storage import resolve_latest
+from ckpt_callbacks.temp_files import is_temp_name
 
 __all__ = [
     "Findings", "Hang", "Victim", "Zygote", "check_crash", "kill_at_random_instant", "one_thread", "reference_weights",

@@ -26,7 +26,8 @@ from train_victim import VictimConfig, make_saver, make_trainer
 
 from ckpt_callbacks import Callback, CheckpointError, CheckpointManager, Timestamp
 from ckpt_callbacks.serialization import verify_file
-from ckpt_callbacks.storage import is_temp_name, resolve_latest
+from ckpt_callbacks.storage import resolve_latest
+from ckpt_callbacks.temp_files import is_temp_name
 
 PAGE = 4096
 
