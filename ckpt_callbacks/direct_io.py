@@ -140,7 +140,7 @@ class DirectFile(io.RawIOBase):
 
     def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
         self._raise_if_failed()
-        view = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else memoryview(data)
+        view = memoryview(data).cast("B")
         if not self._direct:
             self._pwrite_all(view, self._offset)
             self._offset += len(view)
